@@ -1,0 +1,119 @@
+//! Sub-commands of the `wae-edge` binary: argument parsing and printing only; the work is in
+//! the library.
+
+mod classify;
+mod inspect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+
+use wae_edge::config::{preset, PRESETS};
+use wae_edge::device::{self, DeviceRequest};
+use wae_edge::profiles::Profile;
+use wae_edge::weights;
+
+/// Run WAE image classifiers on edge devices.
+#[derive(Parser, Debug)]
+#[command(name = "wae-edge", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where to run: a profile, a device flag, or both (the flag wins).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Placement {
+    /// Device: auto picks CUDA, then Metal, then CPU.
+    #[arg(long, value_enum)]
+    device: Option<DeviceRequest>,
+    /// Firmware profile: a shipped name (`wae-edge profiles`) or a .toml path.
+    #[arg(long)]
+    profile: Option<String>,
+}
+
+impl Placement {
+    /// Applies the profile's thread count and opens the device; says which on stderr.
+    fn open(&self) -> Result<Device> {
+        let profile = self.profile.as_deref().map(Profile::resolve).transpose()?;
+        if let Some(p) = &profile {
+            // Before any rayon pool exists; a user's own RAYON_NUM_THREADS wins.
+            if p.threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                std::env::set_var("RAYON_NUM_THREADS", p.threads.to_string());
+            }
+        }
+        let dev = match (self.device, &profile) {
+            (Some(req), _) => device::select(req)?,
+            (None, Some(p)) => p.device()?,
+            (None, None) => device::select(DeviceRequest::Auto)?,
+        };
+        let how = match (&profile, self.device) {
+            (_, Some(r)) => format!("--device {r:?}").to_lowercase(),
+            (Some(p), None) => format!("profile {}", p.name),
+            (None, None) => "auto".into(),
+        };
+        eprintln!("device: {} ({how})", device::describe(&dev));
+        Ok(dev)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Classify image files, directories or globs with a model.
+    Classify(classify::Args),
+    /// Write a randomly initialised fp16 model from a preset (marked untrained).
+    New {
+        /// Preset name.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+        preset: String,
+        /// Output model file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Seed for the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Print a model's config, parameters and multiply-accumulates against its plain counterpart.
+    Inspect(inspect::Args),
+    /// List the shipped firmware profiles.
+    Profiles {
+        /// One JSON object per profile.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Classify(args) => classify::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::New { preset: name, output, seed } => {
+            let Some(config) = preset(&name) else { bail!("unknown preset {name}") };
+            let (config, tensors) = weights::random_model(&config, seed).context("initialising weights")?;
+            weights::save(&output, &config, &tensors)?;
+            let params = weights::param_count(&weights::inference_tensors(&config));
+            eprintln!("wrote {} ({name}, {params} inference parameters, UNTRAINED random weights)", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Profiles { json } => {
+            for p in Profile::shipped()? {
+                if json {
+                    println!("{}", serde_json::to_string(&p)?);
+                } else {
+                    let built = if device::built_with(p.device) { "" } else { "  [not in this build]" };
+                    println!("{:<18} {:<6} {}{built}", p.name, format!("{:?}", p.device).to_lowercase(), p.description);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The model to use: the flag, or the shipped default.
+fn model_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.unwrap_or_else(wae_edge::default_model_path)
+}

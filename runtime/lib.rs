@@ -1,0 +1,37 @@
+//! wae-edge: run WAE (Wavelet-like Auto-Encoder, Chen et al., AAAI 2018) image classifiers on
+//! edge devices. A frame goes: [`sources`] -> [`preprocess`] -> [`model`] (encoder, I_L backbone,
+//! I_H branch, heads), built by [`weights`] from a memory-mapped fp16 file described by
+//! [`config`], wrapped by [`classifier`]; [`stats`] measures it, [`profiles`] and [`device`]
+//! say where it runs.
+
+pub mod atomic;
+pub mod classifier;
+pub mod config;
+pub mod device;
+pub mod init;
+pub mod model;
+pub mod preprocess;
+pub mod profiles;
+pub mod sources;
+pub mod stats;
+pub mod weights;
+
+pub use classifier::{Classifier, Prediction};
+pub use config::ModelConfig;
+pub use model::WaeNet;
+
+/// Where the shipped default model lives, relative to the repository root.
+pub const DEFAULT_MODEL: &str = "models/fashion-wae/model.safetensors";
+
+/// The default model: `$WAE_EDGE_MODEL`, else [`DEFAULT_MODEL`] under the current directory,
+/// else under the source tree this binary was built from.
+pub fn default_model_path() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("WAE_EDGE_MODEL") {
+        return p.into();
+    }
+    let here = std::path::PathBuf::from(DEFAULT_MODEL);
+    if here.exists() {
+        return here;
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL)
+}

@@ -1,0 +1,179 @@
+//! Preprocessing: decoding images with size caps, and turning a picture into the normalised
+//! input tensor the model's config asks for (gray/RGB, resize policy, mean/std).
+
+use std::io::{BufRead, Cursor, Seek};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageReader, Limits};
+
+use crate::config::{InputSpec, ModelConfig, Preprocess, ResizeMode};
+
+/// Largest width or height we decode; a header claiming more is refused before allocation.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+/// Largest decode buffer in bytes.
+pub const MAX_IMAGE_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Why an image cannot be used. Every variant names the image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The file cannot be opened or read.
+    #[error("{}: {cause}", path.display())]
+    Io {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        cause: std::io::Error,
+    },
+    /// Zero bytes.
+    #[error("{}: empty file (0 bytes), not an image", path.display())]
+    Empty {
+        /// The image.
+        path: PathBuf,
+    },
+    /// The header claims dimensions beyond the decode caps.
+    #[error("{}: image too large to decode ({reason}; limit {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}, {} MiB)", path.display(), MAX_IMAGE_BYTES >> 20)]
+    TooLarge {
+        /// The image.
+        path: PathBuf,
+        /// What the decoder reported.
+        reason: String,
+    },
+    /// Corrupt, truncated or unsupported data.
+    #[error("{}: cannot decode image: {reason}", path.display())]
+    Decode {
+        /// The image.
+        path: PathBuf,
+        /// What the decoder reported.
+        reason: String,
+    },
+}
+
+fn limits() -> Limits {
+    let mut l = Limits::default();
+    l.max_image_width = Some(MAX_IMAGE_SIDE);
+    l.max_image_height = Some(MAX_IMAGE_SIDE);
+    l.max_alloc = Some(MAX_IMAGE_BYTES);
+    l
+}
+
+fn decode_reader<R: BufRead + Seek>(reader: ImageReader<R>, path: &Path) -> Result<DynamicImage, ImageError> {
+    let mut reader = reader.with_guessed_format().map_err(|cause| ImageError::Io { path: path.into(), cause })?;
+    reader.limits(limits());
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(l) => ImageError::TooLarge { path: path.into(), reason: l.to_string() },
+        image::ImageError::IoError(cause) => ImageError::Io { path: path.into(), cause },
+        other => ImageError::Decode { path: path.into(), reason: other.to_string() },
+    })
+}
+
+/// Decodes an image file (format guessed from its content), refusing absurd dimensions.
+pub fn load_image(path: &Path) -> Result<DynamicImage, ImageError> {
+    let io = |cause| ImageError::Io { path: path.into(), cause };
+    if std::fs::metadata(path).map_err(io)?.len() == 0 {
+        return Err(ImageError::Empty { path: path.into() });
+    }
+    decode_reader(ImageReader::open(path).map_err(io)?, path)
+}
+
+/// Decodes an in-memory encoded image (e.g. an MJPEG frame); `name` appears in errors.
+pub fn decode_bytes(bytes: &[u8], name: &Path) -> Result<DynamicImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty { path: name.into() });
+    }
+    decode_reader(ImageReader::new(Cursor::new(bytes)), name)
+}
+
+/// Turns pictures into the model's normalised `[C, H, W]` input.
+#[derive(Clone, Debug)]
+pub struct Preprocessor {
+    input: InputSpec,
+    pre: Preprocess,
+}
+
+impl Preprocessor {
+    /// The preprocessing a model's config asks for.
+    pub fn new(config: &ModelConfig) -> Self {
+        Preprocessor { input: config.input, pre: config.preprocess.clone() }
+    }
+
+    /// Resizes (per the resize policy) to the input size, keeping the input's channel count.
+    pub fn resize(&self, img: &DynamicImage) -> DynamicImage {
+        let (w, h) = (self.input.width as u32, self.input.height as u32);
+        let img = if self.input.channels == 1 { DynamicImage::ImageLuma8(img.to_luma8()) } else { DynamicImage::ImageRgb8(img.to_rgb8()) };
+        if img.width() == w && img.height() == h {
+            return img;
+        }
+        match self.pre.resize {
+            ResizeMode::Stretch => img.resize_exact(w, h, FilterType::Triangle),
+            ResizeMode::CenterCrop => img.resize_to_fill(w, h, FilterType::Triangle),
+        }
+    }
+
+    /// Planar normalised values `(p / 255 - mean[c]) / std[c]` of a picture.
+    pub fn to_vec(&self, img: &DynamicImage) -> Vec<f32> {
+        let img = self.resize(img);
+        let c = self.input.channels;
+        let raw = img.as_bytes();
+        let plane = self.input.height * self.input.width;
+        let mut out = vec![0f32; c * plane];
+        for (i, px) in raw.chunks_exact(c).enumerate() {
+            for (ch, &v) in px.iter().enumerate() {
+                out[ch * plane + i] = (v as f32 / 255.0 - self.pre.mean[ch]) / self.pre.std[ch];
+            }
+        }
+        out
+    }
+
+    /// One picture as a `[1, C, H, W]` f32 tensor on `device`.
+    pub fn to_tensor(&self, img: &DynamicImage, device: &Device) -> candle_core::Result<Tensor> {
+        self.batch(std::slice::from_ref(img), device)
+    }
+
+    /// Several pictures as one `[N, C, H, W]` f32 tensor on `device`.
+    pub fn batch(&self, imgs: &[DynamicImage], device: &Device) -> candle_core::Result<Tensor> {
+        let InputSpec { channels, height, width } = self.input;
+        let data: Vec<f32> = imgs.iter().flat_map(|i| self.to_vec(i)).collect();
+        Tensor::from_vec(data, (imgs.len(), channels, height, width), device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::preset;
+
+    #[test]
+    fn gray_normalisation_by_hand() {
+        let cfg = preset("plain-fashion").unwrap();
+        let p = Preprocessor::new(&cfg);
+        let img = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(28, 28, image::Luma([255])));
+        let v = p.to_vec(&img);
+        assert_eq!(v.len(), 28 * 28);
+        let expect = (1.0 - 0.286) / 0.353;
+        assert!(v.iter().all(|x| (x - expect).abs() < 1e-5));
+    }
+
+    #[test]
+    fn rgb_is_planar_and_center_cropped() {
+        let cfg = preset("vgg16").unwrap();
+        let p = Preprocessor::new(&cfg);
+        // 448x224: left half red, right half blue; the centre crop keeps both halves equally.
+        let img = image::RgbImage::from_fn(448, 224, |x, _| if x < 224 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) });
+        let t = p.to_tensor(&DynamicImage::ImageRgb8(img), &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[1, 3, 224, 224]);
+        let red = t.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+        assert!(red[100][10] > 2.0 && red[100][200] < -1.0, "left of centre red, right not");
+    }
+
+    #[test]
+    fn truncated_and_empty_images_are_errors() {
+        let mut png = Vec::new();
+        image::GrayImage::new(8, 8).write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        assert!(decode_bytes(&png, Path::new("ok.png")).is_ok());
+        let e = decode_bytes(&png[..png.len() / 2], Path::new("cut.png")).unwrap_err();
+        assert!(matches!(e, ImageError::Decode { .. } | ImageError::Io { .. }), "{e}");
+        assert!(matches!(decode_bytes(&[], Path::new("e.png")), Err(ImageError::Empty { .. })));
+    }
+}
