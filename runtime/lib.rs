@@ -7,13 +7,17 @@
 pub mod atomic;
 pub mod classifier;
 pub mod config;
+pub mod dataset;
 pub mod device;
+pub mod eval;
 pub mod init;
 pub mod model;
 pub mod preprocess;
 pub mod profiles;
 pub mod sources;
 pub mod stats;
+#[cfg(feature = "train")]
+pub mod train;
 pub mod weights;
 
 pub use classifier::{Classifier, Prediction};

@@ -115,15 +115,31 @@ impl Preprocessor {
     pub fn to_vec(&self, img: &DynamicImage) -> Vec<f32> {
         let img = self.resize(img);
         let c = self.input.channels;
-        let raw = img.as_bytes();
         let plane = self.input.height * self.input.width;
-        let mut out = vec![0f32; c * plane];
-        for (i, px) in raw.chunks_exact(c).enumerate() {
+        let mut planar = vec![0u8; c * plane];
+        for (i, px) in img.as_bytes().chunks_exact(c).enumerate() {
             for (ch, &v) in px.iter().enumerate() {
-                out[ch * plane + i] = (v as f32 / 255.0 - self.pre.mean[ch]) / self.pre.std[ch];
+                planar[ch * plane + i] = v;
             }
         }
+        let mut out = Vec::with_capacity(planar.len());
+        self.normalize_planar(&planar, &mut out);
         out
+    }
+
+    /// Appends the normalised values of planar u8 pixels already at the input size
+    /// (dataset images) to `out`.
+    pub fn normalize_planar(&self, planar: &[u8], out: &mut Vec<f32>) {
+        let plane = self.input.height * self.input.width;
+        for (i, &v) in planar.iter().enumerate() {
+            let ch = (i / plane) % self.input.channels;
+            out.push((v as f32 / 255.0 - self.pre.mean[ch]) / self.pre.std[ch]);
+        }
+    }
+
+    /// The model's input geometry.
+    pub fn input(&self) -> InputSpec {
+        self.input
     }
 
     /// One picture as a `[1, C, H, W]` f32 tensor on `device`.

@@ -3,6 +3,8 @@
 
 mod classify;
 mod inspect;
+#[cfg(feature = "train")]
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +80,12 @@ enum Command {
     },
     /// Print a model's config, parameters and multiply-accumulates against its plain counterpart.
     Inspect(inspect::Args),
+    /// Train a model on a dataset (three WAE stages), checkpointing every epoch.
+    #[cfg(feature = "train")]
+    Train(train::TrainArgs),
+    /// Test-set accuracy, per-class accuracy and confusion matrix of a model.
+    #[cfg(feature = "train")]
+    Eval(train::EvalArgs),
     /// List the shipped firmware profiles.
     Profiles {
         /// One JSON object per profile.
@@ -91,6 +99,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Classify(args) => classify::run(args),
         Command::Inspect(args) => inspect::run(args),
+        #[cfg(feature = "train")]
+        Command::Train(args) => train::run_train(args),
+        #[cfg(feature = "train")]
+        Command::Eval(args) => train::run_eval(args),
         Command::New { preset: name, output, seed } => {
             let Some(config) = preset(&name) else { bail!("unknown preset {name}") };
             let (config, tensors) = weights::random_model(&config, seed).context("initialising weights")?;

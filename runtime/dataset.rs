@@ -1,0 +1,223 @@
+//! Labelled image datasets: Fashion-MNIST in IDX form (gzip or raw) and image folders (one
+//! sub-directory per class). Images are kept as u8 planes; training and evaluation normalise them
+//! with the model's preprocessing.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::config::FASHION_LABELS;
+
+/// Where Debian's `dataset-fashion-mnist` package puts the files.
+pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+/// Largest IDX dimension product accepted (guards allocations from corrupt headers).
+const MAX_IDX_BYTES: usize = 1 << 31;
+
+/// Why a dataset cannot be read. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// A file cannot be opened or read.
+    #[error("{}: {cause}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// OS or gzip error.
+        cause: std::io::Error,
+    },
+    /// The IDX magic number is not the expected one.
+    #[error("{}: not an IDX {what} file (magic {got:#010x}, expected {expected:#010x})", path.display())]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// "images" or "labels".
+        what: &'static str,
+        /// Magic found.
+        got: u32,
+        /// Magic expected.
+        expected: u32,
+    },
+    /// Fewer bytes than the header promises, or more.
+    #[error("{}: {reason}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Which half of a dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Training images.
+    Train,
+    /// Held-out test images.
+    Test,
+}
+
+/// Images as u8 planes `[n, channels, height, width]` with class indices.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// Pixel bytes, image after image, planar.
+    pub pixels: Vec<u8>,
+    /// Class of each image.
+    pub labels: Vec<u8>,
+    /// Channels per image.
+    pub channels: usize,
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+    /// Class names, index = class.
+    pub classes: Vec<String>,
+}
+
+impl Dataset {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Bytes of image `i`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.channels * self.height * self.width;
+        &self.pixels[i * n..(i + 1) * n]
+    }
+
+    /// The images at `idx`, as a new dataset (e.g. a validation split).
+    pub fn subset(&self, idx: &[usize]) -> Dataset {
+        Dataset {
+            pixels: idx.iter().flat_map(|&i| self.image(i).iter().copied()).collect(),
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            classes: self.classes.clone(),
+            ..*self
+        }
+    }
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DatasetError> {
+    let io = |cause| DatasetError::Io { path: path.into(), cause };
+    let raw = std::fs::read(path).map_err(io)?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..]).take(MAX_IDX_BYTES as u64 + 1).read_to_end(&mut out).map_err(io)?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Parses an IDX file of unsigned bytes with `dims` dimensions; returns the dimensions and data.
+pub fn parse_idx(bytes: &[u8], dims: usize, what: &'static str, path: &Path) -> Result<(Vec<usize>, Vec<u8>), DatasetError> {
+    let corrupt = |reason: String| DatasetError::Corrupt { path: path.into(), reason };
+    let header = 4 + 4 * dims;
+    if bytes.len() < header {
+        return Err(corrupt(format!("truncated IDX header ({} bytes)", bytes.len())));
+    }
+    let expected = 0x0800 | dims as u32;
+    let magic = be_u32(bytes, 0);
+    if magic != expected {
+        return Err(DatasetError::BadMagic { path: path.into(), what, got: magic, expected });
+    }
+    let shape: Vec<usize> = (0..dims).map(|d| be_u32(bytes, 4 + 4 * d) as usize).collect();
+    let total = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&t| t <= MAX_IDX_BYTES);
+    let Some(total) = total else { return Err(corrupt(format!("absurd IDX dimensions {shape:?}"))) };
+    let body = &bytes[header..];
+    if body.len() != total {
+        return Err(corrupt(format!("IDX header {shape:?} promises {total} bytes of data, file has {}", body.len())));
+    }
+    Ok((shape, body.to_vec()))
+}
+
+/// Reads an IDX image file (`[n, h, w]` u8) and its label file.
+pub fn read_idx_pair(images: &Path, labels: &Path) -> Result<Dataset, DatasetError> {
+    let (shape, pixels) = parse_idx(&read_maybe_gz(images)?, 3, "images", images)?;
+    let (lshape, labels_v) = parse_idx(&read_maybe_gz(labels)?, 1, "labels", labels)?;
+    if lshape[0] != shape[0] {
+        return Err(DatasetError::Corrupt {
+            path: labels.into(),
+            reason: format!("{} labels for {} images in {}", lshape[0], shape[0], images.display()),
+        });
+    }
+    let n_classes = labels_v.iter().copied().max().map_or(0, |m| m as usize + 1);
+    let classes = if n_classes <= FASHION_LABELS.len() {
+        FASHION_LABELS.iter().map(|s| s.to_string()).collect()
+    } else {
+        (0..n_classes).map(|i| format!("class_{i}")).collect()
+    };
+    Ok(Dataset { pixels, labels: labels_v, channels: 1, height: shape[1], width: shape[2], classes })
+}
+
+/// Fashion-MNIST from a directory holding the four standard IDX files (gzipped or not).
+pub fn fashion_mnist(dir: &Path, split: Split) -> Result<Dataset, DatasetError> {
+    let prefix = match split {
+        Split::Train => "train",
+        Split::Test => "t10k",
+    };
+    let find = |kind: &str| {
+        let base = dir.join(format!("{prefix}-{kind}"));
+        let gz = dir.join(format!("{prefix}-{kind}.gz"));
+        if gz.exists() {
+            gz
+        } else {
+            base
+        }
+    };
+    read_idx_pair(&find("images-idx3-ubyte"), &find("labels-idx1-ubyte"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx(magic: u32, dims: &[u32], body: &[u8]) -> Vec<u8> {
+        let mut v = magic.to_be_bytes().to_vec();
+        for d in dims {
+            v.extend(d.to_be_bytes());
+        }
+        v.extend(body);
+        v
+    }
+
+    #[test]
+    fn parses_good_and_rejects_corrupt_idx() {
+        let p = Path::new("x");
+        let (s, d) = parse_idx(&idx(0x803, &[2, 2, 1], &[1, 2, 3, 4]), 3, "images", p).unwrap();
+        assert_eq!((s, d), (vec![2, 2, 1], vec![1, 2, 3, 4]));
+        let e = parse_idx(&idx(0x801, &[2, 2, 1], &[1, 2, 3, 4]), 3, "images", p).unwrap_err();
+        assert!(matches!(e, DatasetError::BadMagic { got: 0x801, .. }), "{e}");
+        let e = parse_idx(&idx(0x803, &[2, 2, 2], &[1, 2, 3]), 3, "images", p).unwrap_err();
+        assert!(e.to_string().contains("promises 8 bytes"), "{e}");
+        assert!(parse_idx(&[0, 0, 8], 1, "labels", p).is_err());
+        let e = parse_idx(&idx(0x803, &[u32::MAX, u32::MAX, u32::MAX], &[]), 3, "images", p).unwrap_err();
+        assert!(e.to_string().contains("absurd"), "{e}");
+    }
+
+    #[test]
+    fn reads_gzipped_pairs_and_checks_counts() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let gz = |name: &str, bytes: Vec<u8>| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&bytes).unwrap();
+            std::fs::write(d.path().join(name), e.finish().unwrap()).unwrap();
+        };
+        gz("t10k-images-idx3-ubyte.gz", idx(0x803, &[2, 1, 2], &[0, 255, 7, 7]));
+        gz("t10k-labels-idx1-ubyte.gz", idx(0x801, &[2], &[3, 9]));
+        let ds = fashion_mnist(d.path(), Split::Test).unwrap();
+        assert_eq!((ds.len(), ds.height, ds.width), (2, 1, 2));
+        assert_eq!(ds.image(1), &[7, 7]);
+        assert_eq!(ds.classes[9], "Ankle boot");
+        gz("t10k-labels-idx1-ubyte.gz", idx(0x801, &[3], &[3, 9, 1]));
+        assert!(fashion_mnist(d.path(), Split::Test).unwrap_err().to_string().contains("3 labels for 2 images"));
+        assert!(matches!(fashion_mnist(d.path(), Split::Train), Err(DatasetError::Io { .. })));
+    }
+}

@@ -1,0 +1,137 @@
+//! `wae-edge classify` end to end: outputs, input expansion, and the decoder-never-read property.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn json_lines(out: &std::process::Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect()
+}
+
+#[test]
+fn json_lines_have_input_top_and_ms() {
+    let d = tempfile::tempdir().unwrap();
+    let model = fashion_model(d.path());
+    let img = sample_png(d.path(), "a.png");
+    let out = bin().args(["classify", "--json", "--top-k", "10", "--model"]).arg(&model).arg(&img).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1);
+    let l = &lines[0];
+    assert_eq!(l["input"], img.to_string_lossy().as_ref());
+    assert!(l["ms"].as_f64().unwrap() > 0.0);
+    let top = l["top"].as_array().unwrap();
+    assert_eq!(top.len(), 10);
+    let scores: Vec<f64> = top.iter().map(|p| p["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "sorted best first");
+    assert!((scores.iter().sum::<f64>() - 1.0).abs() < 1e-3, "softmax over all classes sums to 1");
+    let classes: std::collections::BTreeSet<u64> = top.iter().map(|p| p["class"].as_u64().unwrap()).collect();
+    assert_eq!(classes.len(), 10);
+    assert_eq!(top.iter().find(|p| p["class"] == 9).unwrap()["label"], "Ankle boot");
+    // A model from `new` is loudly untrained.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UNTRAINED"));
+    assert_eq!(l["untrained"], true);
+}
+
+#[test]
+fn human_output_lists_top_k_like_imagenet() {
+    let d = tempfile::tempdir().unwrap();
+    let model = fashion_model(d.path());
+    let img = sample_png(d.path(), "a.png");
+    let out = bin().args(["classify", "--top-k", "3", "--device", "cpu", "--model"]).arg(&model).arg(&img).output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert!(lines[0].starts_with(img.to_str().unwrap()) && lines[0].ends_with("ms)"));
+    assert!(lines[1..].iter().all(|l| l.contains("% ") && l.contains("class #")));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("device: cpu"));
+}
+
+#[test]
+fn directories_and_globs_expand_and_one_bad_file_fails_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let model = fashion_model(d.path());
+    let imgs = d.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for n in ["1.png", "2.png", "3.png"] {
+        sample_png(&imgs, n);
+    }
+    std::fs::write(imgs.join("readme.txt"), "not an image").unwrap();
+    let out = bin().args(["classify", "--json", "--model"]).arg(&model).arg(&imgs).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(json_lines(&out).len(), 3);
+    let glob = imgs.join("[12].png");
+    let out = bin().args(["classify", "--json", "--model"]).arg(&model).arg(&glob).output().unwrap();
+    assert_eq!(json_lines(&out).len(), 2);
+    // A corrupt image among good ones: the good ones are still classified, the run fails.
+    std::fs::write(imgs.join("4.png"), b"\x89PNG\r\n\x1a\n garbage").unwrap();
+    let out = bin().args(["classify", "--json", "--model"]).arg(&model).arg(&imgs).output().unwrap();
+    assert_eq!(json_lines(&out).len(), 3);
+    assert_clean_failure(&out, "4.png");
+}
+
+/// Weights of the decoder are never read: garbage or absent decoder tensors change nothing.
+#[test]
+fn decoder_tensors_are_never_read() {
+    let d = tempfile::tempdir().unwrap();
+    let (cfg, raws) = raw_model("wae-fashion");
+    assert!(raws.iter().any(|(n, _)| n.starts_with("decoder.")));
+    let good = d.path().join("good.safetensors");
+    write_model(&good, &cfg, &raws);
+    let garbage: Vec<_> = raws
+        .iter()
+        .map(|(n, r)| {
+            let mut r = r.clone();
+            if n.starts_with("decoder.") {
+                r.data.iter_mut().for_each(|b| *b = 0xff); // every value NaN
+            }
+            (n.clone(), r)
+        })
+        .collect();
+    let garbled = d.path().join("garbled.safetensors");
+    write_model(&garbled, &cfg, &garbage);
+    let stripped = d.path().join("stripped.safetensors");
+    write_model(&stripped, &cfg, &raws.iter().filter(|(n, _)| !n.starts_with("decoder.")).cloned().collect::<Vec<_>>());
+    let img = sample_png(d.path(), "x.png");
+    let top = |m: &std::path::Path| {
+        let out = bin().args(["classify", "--json", "--top-k", "10", "--model"]).arg(m).arg(&img).output().unwrap();
+        assert!(out.status.success(), "{}: {}", m.display(), String::from_utf8_lossy(&out.stderr));
+        json_lines(&out)[0]["top"].clone()
+    };
+    let reference = top(&good);
+    assert_eq!(top(&garbled), reference);
+    assert_eq!(top(&stripped), reference);
+    // The same garbage in an inference tensor is read, detected and refused.
+    let bad: Vec<_> = raws
+        .iter()
+        .map(|(n, r)| {
+            let mut r = r.clone();
+            if n == "head_low.fc0.weight" {
+                r.data[..64].iter_mut().for_each(|b| *b = 0xff);
+            }
+            (n.clone(), r)
+        })
+        .collect();
+    let nan = d.path().join("nan.safetensors");
+    write_model(&nan, &cfg, &bad);
+    let out = bin().args(["classify", "--model"]).arg(&nan).arg(&img).output().unwrap();
+    assert_clean_failure(&out, "head_low.fc0.weight");
+}
+
+#[test]
+fn the_model_runs_in_the_library_with_the_shapes_the_paper_gives() {
+    let d = tempfile::tempdir().unwrap();
+    let (cfg, raws) = raw_model("wae-fashion");
+    let p = d.path().join("m.safetensors");
+    write_model(&p, &cfg, &raws);
+    let net = wae_edge::weights::load(&p, &candle_core::Device::Cpu).unwrap();
+    let x = candle_core::Tensor::zeros((4, 1, 28, 28), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let (low, high) = net.split(&x, false).unwrap();
+    assert_eq!(low.dims(), &[4, 1, 14, 14]);
+    assert_eq!(high.unwrap().dims(), &[4, 1, 14, 14]);
+    let (logits, times) = net.forward_timed(&x).unwrap();
+    assert_eq!(logits.dims(), &[4, 10]);
+    assert!(times.backbone > std::time::Duration::ZERO);
+}

@@ -1,0 +1,95 @@
+//! Helpers shared by the integration tests: the real binary, and model files written by hand
+//! (good and deliberately broken).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use safetensors::Dtype;
+
+use wae_edge::config::{preset, ModelConfig, CONFIG_KEY};
+
+/// The `wae-edge` binary under test.
+pub fn bin() -> Command {
+    let mut c = Command::cargo_bin("wae-edge").expect("binary built");
+    c.env_remove("WAE_EDGE_MODEL").env("RUST_BACKTRACE", "1");
+    c
+}
+
+/// A tensor as raw safetensors parts.
+#[derive(Clone, Debug)]
+pub struct Raw {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl safetensors::View for &Raw {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// The tensors of a seeded random model of `preset_name`, as f16 raw parts, and its config.
+pub fn raw_model(preset_name: &str) -> (ModelConfig, Vec<(String, Raw)>) {
+    let (config, tensors) = wae_edge::weights::random_model(&preset(preset_name).unwrap(), 42).unwrap();
+    let mut raws: Vec<(String, Raw)> = tensors
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t.to_dtype(candle_core::DType::F16).unwrap().flatten_all().unwrap().to_vec1::<half::f16>().unwrap();
+            let data = v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+            (n, Raw { dtype: Dtype::F16, shape: t.dims().to_vec(), data })
+        })
+        .collect();
+    raws.sort_by(|a, b| a.0.cmp(&b.0));
+    (config, raws)
+}
+
+/// Serialises tensors with an arbitrary metadata map.
+pub fn write_raw(path: &Path, tensors: &[(String, Raw)], meta: Option<HashMap<String, String>>) {
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, r)| (n.as_str(), r)), meta).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Writes a model with `config` in its metadata.
+pub fn write_model(path: &Path, config: &ModelConfig, tensors: &[(String, Raw)]) {
+    write_raw(path, tensors, Some(HashMap::from([(CONFIG_KEY.to_string(), config.to_json())])));
+}
+
+/// A good seeded wae-fashion model file in `dir`.
+pub fn fashion_model(dir: &Path) -> PathBuf {
+    let (cfg, raws) = raw_model("wae-fashion");
+    let p = dir.join("wae-fashion.safetensors");
+    write_model(&p, &cfg, &raws);
+    p
+}
+
+/// A 28x28 grayscale PNG with a bright rectangle.
+pub fn sample_png(dir: &Path, name: &str) -> PathBuf {
+    let img = image::GrayImage::from_fn(28, 28, |x, y| image::Luma([if (6..22).contains(&x) && (4..24).contains(&y) { 200 } else { 0 }]));
+    let p = dir.join(name);
+    img.save(&p).unwrap();
+    p
+}
+
+/// Asserts a failed run: non-zero exit, exactly one `error:` line naming `needle`, no panic.
+pub fn assert_clean_failure(out: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "want exactly one error line, got: {stderr}");
+    assert!(errors[0].contains(needle), "error line lacks `{needle}`: {}", errors[0]);
+    assert!(!stderr.contains("   0: "), "backtrace leaked: {stderr}");
+}
