@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod classifier;
 pub mod config;
 pub mod dataset;
+pub mod decompose;
 pub mod device;
 pub mod eval;
 pub mod init;

@@ -204,22 +204,7 @@ impl ModelFile {
         let config: ModelConfig = serde_json::from_str(json)
             .map_err(|e| WeightsError::BadConfig { path: path.clone(), reason: e.to_string() })?;
         config.validate().map_err(|cause| WeightsError::Config { path: path.clone(), cause })?;
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| WeightsError::Format { path: path.clone(), reason: e.to_string() })?;
-        for (name, expected) in inference_tensors(&config) {
-            let view = st.tensor(&name).map_err(|_| WeightsError::MissingTensor { path: path.clone(), name: name.clone() })?;
-            if view.dtype() != Dtype::F16 {
-                return Err(WeightsError::Dtype { path, name, got: view.dtype() });
-            }
-            if view.shape() != expected.as_slice() {
-                return Err(WeightsError::Shape { path, name, expected, got: view.shape().to_vec() });
-            }
-            let count = count_non_finite_f16(view.data());
-            if count > 0 {
-                return Err(WeightsError::NonFinite { path, name, count });
-            }
-        }
-        drop(st);
+        check_tensors(&mmap, &inference_tensors(&config), &path)?;
         Ok(ModelFile { path, mmap, config })
     }
 
@@ -243,12 +228,46 @@ impl ModelFile {
         self.mmap.is_empty()
     }
 
+    /// Builds the inference network and the training-only decoder (for `decompose` and
+    /// fine-tuning); fails if the file carries no valid decoder.
+    pub fn build_with_decoder(self, device: &Device) -> Result<(WaeNet, Decoder), WeightsError> {
+        if !self.config.arch.kind.has_branch() {
+            return Err(WeightsError::MissingTensor { path: self.path.clone(), name: "decoder.* (this kind has no I_H)".into() });
+        }
+        check_tensors(&self.mmap, &decoder_tensors(&self.config), &self.path)?;
+        let candle = |cause| WeightsError::Candle { path: self.path.clone(), cause };
+        let vb = VarBuilder::from_slice_safetensors(&self.mmap, compute_dtype(device), device).map_err(candle)?;
+        let dec = Decoder::new(&self.config, vb.pp("decoder")).map_err(candle)?;
+        Ok((WaeNet::new(&self.config, vb).map_err(candle)?, dec))
+    }
+
     /// Builds the inference network on `device` (f32 on CPU, f16 on GPUs) and drops the mapping.
     pub fn build(self, device: &Device) -> Result<WaeNet, WeightsError> {
         let candle = |cause| WeightsError::Candle { path: self.path.clone(), cause };
         let vb = VarBuilder::from_slice_safetensors(&self.mmap, compute_dtype(device), device).map_err(candle)?;
         WaeNet::new(&self.config, vb).map_err(candle)
     }
+}
+
+/// Checks that every listed tensor is present, F16, of the listed shape and finite.
+fn check_tensors(bytes: &[u8], expected: &[(String, Vec<usize>)], path: &Path) -> Result<(), WeightsError> {
+    let path = path.to_path_buf();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Format { path: path.clone(), reason: e.to_string() })?;
+    for (name, shape) in expected {
+        let (name, expected) = (name.clone(), shape.clone());
+        let view = st.tensor(&name).map_err(|_| WeightsError::MissingTensor { path: path.clone(), name: name.clone() })?;
+        if view.dtype() != Dtype::F16 {
+            return Err(WeightsError::Dtype { path, name, got: view.dtype() });
+        }
+        if view.shape() != expected.as_slice() {
+            return Err(WeightsError::Shape { path, name, expected, got: view.shape().to_vec() });
+        }
+        let count = count_non_finite_f16(view.data());
+        if count > 0 {
+            return Err(WeightsError::NonFinite { path, name, count });
+        }
+    }
+    Ok(())
 }
 
 /// Counts NaN/Inf values in little-endian f16 bytes (exponent bits all ones).

@@ -135,3 +135,33 @@ fn the_model_runs_in_the_library_with_the_shapes_the_paper_gives() {
     assert_eq!(logits.dims(), &[4, 10]);
     assert!(times.backbone > std::time::Duration::ZERO);
 }
+
+#[test]
+fn decompose_writes_the_split_as_pictures() {
+    let d = tempfile::tempdir().unwrap();
+    let model = fashion_model(d.path());
+    let img = sample_png(d.path(), "boot.png");
+    let out_dir = d.path().join("dec");
+    let out = bin().args(["decompose", "--model"]).arg(&model).arg("-o").arg(&out_dir).arg(&img).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for part in ["input", "low", "high", "rec", "strip"] {
+        let p = out_dir.join(format!("boot_{part}.png"));
+        let pic = image::open(&p).unwrap();
+        let want = match part {
+            "input" | "rec" => (28, 28),
+            "low" | "high" => (14, 14),
+            _ => (4 * 224 + 3 * 14, 224),
+        };
+        assert_eq!((pic.width(), pic.height()), want, "{part}");
+    }
+    // Stretched: the low image uses the full range.
+    let low = image::open(out_dir.join("boot_low.png")).unwrap().to_luma8();
+    assert_eq!(low.pixels().map(|p| p.0[0]).max(), Some(255));
+    assert_eq!(low.pixels().map(|p| p.0[0]).min(), Some(0));
+    // A model without I_H has nothing to decompose.
+    let (cfg, raws) = raw_model("plain-fashion");
+    let plain = d.path().join("plain.safetensors");
+    write_model(&plain, &cfg, &raws);
+    let out = bin().args(["decompose", "--model"]).arg(&plain).arg("-o").arg(&out_dir).arg(&img).output().unwrap();
+    assert_clean_failure(&out, "plain.safetensors");
+}

@@ -86,6 +86,17 @@ enum Command {
     /// Test-set accuracy, per-class accuracy and confusion matrix of a model.
     #[cfg(feature = "train")]
     Eval(train::EvalArgs),
+    /// Write I_L, I_H (contrast-stretched), the reconstruction and a side-by-side strip as PNG.
+    Decompose {
+        /// Model file with its decoder (default: the shipped model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Output directory.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Image to split.
+        image: PathBuf,
+    },
     /// List the shipped firmware profiles.
     Profiles {
         /// One JSON object per profile.
@@ -109,6 +120,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             weights::save(&output, &config, &tensors)?;
             let params = weights::param_count(&weights::inference_tensors(&config));
             eprintln!("wrote {} ({name}, {params} inference parameters, UNTRAINED random weights)", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Decompose { model, output, image } => {
+            let model = model_path(model);
+            let (net, dec) = weights::ModelFile::open(&model)?.build_with_decoder(&Device::Cpu)?;
+            let pre = wae_edge::preprocess::Preprocessor::new(net.config());
+            let img = wae_edge::preprocess::load_image(&image)?;
+            let d = wae_edge::decompose::decompose(&net, &dec, &pre, &img, &Device::Cpu)
+                .with_context(|| format!("decomposing {}", image.display()))?;
+            std::fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
+            let stem = image.file_stem().map_or("image".into(), |s| s.to_string_lossy().into_owned());
+            let strip = wae_edge::decompose::strip(&d, 224);
+            for (part, pic) in [("input", &d.input), ("low", &d.low), ("high", &d.high), ("rec", &d.rebuilt), ("strip", &strip)] {
+                let path = output.join(format!("{stem}_{part}.png"));
+                let mut png = Vec::new();
+                pic.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+                wae_edge::atomic::write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
+                println!("{}", path.display());
+            }
+            eprintln!("I_L holds {:.1}% of the split's energy", 100.0 * d.low_energy_share);
             Ok(ExitCode::SUCCESS)
         }
         Command::Profiles { json } => {

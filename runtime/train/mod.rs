@@ -386,7 +386,12 @@ pub fn train(options: &TrainOptions, train_set: &Dataset, dir: &Path, resume: bo
                 }
                 bar.inc(1);
                 if step % 10 == 0 {
-                    bar.set_message(format!("loss {:.4} acc {:.3}", loss_sum / seen as f64, correct as f64 / seen as f64));
+                    let msg = format!("loss {:.4} acc {:.3}", loss_sum / seen as f64, correct as f64 / seen as f64);
+                    // indicatif draws nothing off a terminal; logs still get a line now and then.
+                    if bar.is_hidden() && step % 100 == 0 {
+                        eprintln!("{stage:?} {}/{epochs} step {step}/{steps_per_epoch} {msg} ({:.0} s)", epoch + 1, t0.elapsed().as_secs_f64());
+                    }
+                    bar.set_message(msg);
                 }
             }
             bar.finish_and_clear();
