@@ -29,7 +29,11 @@ pub fn top_k(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> {
     idx.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]));
     idx.into_iter()
         .take(k)
-        .map(|class| Prediction { label: labels.get(class).cloned().unwrap_or_default(), class, score: exp[class] / sum })
+        .map(|class| Prediction {
+            label: labels.get(class).cloned().unwrap_or_default(),
+            class,
+            score: exp[class] / sum,
+        })
         .collect()
 }
 
@@ -49,7 +53,10 @@ impl Classifier {
 
     /// Maps, validates and builds a model file on `device`.
     pub fn load(path: impl AsRef<std::path::Path>, device: &Device) -> Result<Self, WeightsError> {
-        Ok(Classifier::new(weights::load(path, device)?, device.clone()))
+        Ok(Classifier::new(
+            weights::load(path, device)?,
+            device.clone(),
+        ))
     }
 
     /// The model's config.
@@ -75,21 +82,39 @@ impl Classifier {
     /// Logits of a normalised `[N, C, H, W]` f32 batch, as f32 rows.
     pub fn logits(&self, batch: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
         let x = batch.to_dtype(weights::compute_dtype(&self.device))?;
-        self.net.forward_t(&x, false)?.to_dtype(candle_core::DType::F32)?.to_vec2()
+        self.net
+            .forward_t(&x, false)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()
     }
 
     /// Top-k classes of each picture.
-    pub fn classify(&self, imgs: &[DynamicImage], k: usize) -> candle_core::Result<Vec<Vec<Prediction>>> {
+    pub fn classify(
+        &self,
+        imgs: &[DynamicImage],
+        k: usize,
+    ) -> candle_core::Result<Vec<Vec<Prediction>>> {
         let batch = self.pre.batch(imgs, &self.device)?;
         let labels = &self.config().labels;
-        Ok(self.logits(&batch)?.iter().map(|l| top_k(l, labels, k)).collect())
+        Ok(self
+            .logits(&batch)?
+            .iter()
+            .map(|l| top_k(l, labels, k))
+            .collect())
     }
 
     /// Top-k of one normalised `[1, C, H, W]` input with per-stage times.
-    pub fn classify_timed(&self, input: &Tensor, k: usize) -> candle_core::Result<(Vec<Prediction>, StageTimes)> {
+    pub fn classify_timed(
+        &self,
+        input: &Tensor,
+        k: usize,
+    ) -> candle_core::Result<(Vec<Prediction>, StageTimes)> {
         let x = input.to_dtype(weights::compute_dtype(&self.device))?;
         let (logits, times) = self.net.forward_timed(&x)?;
-        let row = logits.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let row = logits
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         Ok((top_k(&row, &self.config().labels, k), times))
     }
 }

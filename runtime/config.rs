@@ -137,7 +137,10 @@ pub struct DecoderSpec {
 
 impl Default for DecoderSpec {
     fn default() -> Self {
-        DecoderSpec { width: 16, convs: 2 }
+        DecoderSpec {
+            width: 16,
+            convs: 2,
+        }
     }
 }
 
@@ -173,17 +176,28 @@ impl ModelConfig {
             return Err(ConfigError::Format(self.format));
         }
         if self.labels.len() != self.classes {
-            return Err(ConfigError::LabelCount { labels: self.labels.len(), classes: self.classes });
+            return Err(ConfigError::LabelCount {
+                labels: self.labels.len(),
+                classes: self.classes,
+            });
         }
         if self.classes == 0 {
             return bad("the model has zero classes".into());
         }
-        let InputSpec { channels, height, width } = self.input;
+        let InputSpec {
+            channels,
+            height,
+            width,
+        } = self.input;
         if !(channels == 1 || channels == 3) {
-            return bad(format!("input has {channels} channels; 1 (gray) or 3 (RGB) expected"));
+            return bad(format!(
+                "input has {channels} channels; 1 (gray) or 3 (RGB) expected"
+            ));
         }
         if height == 0 || width == 0 || height > MAX_SIDE || width > MAX_SIDE {
-            return bad(format!("input size {height}x{width} outside 1..={MAX_SIDE}"));
+            return bad(format!(
+                "input size {height}x{width} outside 1..={MAX_SIDE}"
+            ));
         }
         let p = &self.preprocess;
         if p.mean.len() != channels || p.std.len() != channels {
@@ -193,17 +207,27 @@ impl ModelConfig {
                 p.std.len()
             ));
         }
-        if p.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || p.mean.iter().any(|m| !m.is_finite()) {
+        if p.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+            || p.mean.iter().any(|m| !m.is_finite())
+        {
             return bad("preprocess std must be finite and positive, mean finite".into());
         }
         let a = &self.arch;
         if a.kind.is_half() && (height % 2 != 0 || width % 2 != 0) {
-            return bad(format!("{:?} splits the input in half; {height}x{width} must be even", a.kind));
+            return bad(format!(
+                "{:?} splits the input in half; {height}x{width} must be even",
+                a.kind
+            ));
         }
         if a.backbone.is_empty() || a.backbone.iter().any(|s| s.is_empty()) {
             return bad("backbone needs at least one stage, each with at least one conv".into());
         }
-        let widths = a.encoder.iter().chain(a.backbone.iter().flatten()).chain(&a.head_low).chain(&a.head_fuse);
+        let widths = a
+            .encoder
+            .iter()
+            .chain(a.backbone.iter().flatten())
+            .chain(&a.head_low)
+            .chain(&a.head_fuse);
         if widths.clone().any(|&w| w == 0 || w > MAX_WIDTH) {
             return bad(format!("layer widths must be in 1..={MAX_WIDTH}"));
         }
@@ -218,7 +242,10 @@ impl ModelConfig {
         }
         let (h, w) = self.feature_size();
         if h == 0 || w == 0 {
-            return bad(format!("{} pooling stages shrink {height}x{width} to nothing", a.backbone.len()));
+            return bad(format!(
+                "{} pooling stages shrink {height}x{width} to nothing",
+                a.backbone.len()
+            ));
         }
         Ok(())
     }
@@ -237,7 +264,10 @@ impl ModelConfig {
     pub fn feature_size(&self) -> (usize, usize) {
         let (mut h, mut w) = self.backbone_input();
         for _ in &self.arch.backbone {
-            (h, w) = (pool_out(h, self.arch.pool_ceil), pool_out(w, self.arch.pool_ceil));
+            (h, w) = (
+                pool_out(h, self.arch.pool_ceil),
+                pool_out(w, self.arch.pool_ceil),
+            );
         }
         (h, w)
     }
@@ -254,7 +284,11 @@ impl ModelConfig {
     pub fn branch_stages(&self) -> Vec<Vec<usize>> {
         let f = self.arch.branch_width;
         let scale = |w: usize| ((w as f32 * f).round() as usize).max(1);
-        self.arch.backbone.iter().map(|s| s.iter().map(|&w| scale(w)).collect()).collect()
+        self.arch
+            .backbone
+            .iter()
+            .map(|s| s.iter().map(|&w| scale(w)).collect())
+            .collect()
     }
 
     /// The same network without the split: the baseline to compare a WAE against.
@@ -287,12 +321,28 @@ pub const PRESETS: &[&str] = &["wae-vgg16", "vgg16", "wae-fashion", "plain-fashi
 
 /// VGG16's 13 convs in five stages.
 fn vgg16_stages() -> Vec<Vec<usize>> {
-    vec![vec![64, 64], vec![128, 128], vec![256, 256, 256], vec![512, 512, 512], vec![512, 512, 512]]
+    vec![
+        vec![64, 64],
+        vec![128, 128],
+        vec![256, 256, 256],
+        vec![512, 512, 512],
+        vec![512, 512, 512],
+    ]
 }
 
 /// The Fashion-MNIST class names, in label order.
-pub const FASHION_LABELS: [&str; 10] =
-    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+pub const FASHION_LABELS: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
 
 /// A named architecture: the paper's network, its baseline, and the Fashion-MNIST pair.
 pub fn preset(name: &str) -> Option<ModelConfig> {
@@ -305,19 +355,35 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
     let vgg = |kind: ArchKind| ModelConfig {
         format: FORMAT_VERSION,
         name: name.to_string(),
-        input: InputSpec { channels: 3, height: 224, width: 224 },
+        input: InputSpec {
+            channels: 3,
+            height: 224,
+            width: 224,
+        },
         preprocess: imagenet(),
         classes: 1000,
         labels: numbered(1000),
         arch: Arch {
             kind,
-            encoder: if kind == ArchKind::Wae { vec![16, 16, 16] } else { vec![] },
+            encoder: if kind == ArchKind::Wae {
+                vec![16, 16, 16]
+            } else {
+                vec![]
+            },
             backbone: vgg16_stages(),
             // The released Caffe model pools 7 -> 4 (ceil); at 224 the plain net pools 14 -> 7 either way.
             pool_ceil: kind == ArchKind::Wae,
             branch_width: 0.25,
-            head_low: if kind == ArchKind::Wae { vec![1024, 1024] } else { vec![4096, 4096] },
-            head_fuse: if kind == ArchKind::Wae { vec![2048, 2048] } else { vec![] },
+            head_low: if kind == ArchKind::Wae {
+                vec![1024, 1024]
+            } else {
+                vec![4096, 4096]
+            },
+            head_fuse: if kind == ArchKind::Wae {
+                vec![2048, 2048]
+            } else {
+                vec![]
+            },
             batch_norm: false,
             decoder: DecoderSpec::default(),
         },
@@ -327,20 +393,35 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
     let fashion = |kind: ArchKind| ModelConfig {
         format: FORMAT_VERSION,
         name: name.to_string(),
-        input: InputSpec { channels: 1, height: 28, width: 28 },
-        preprocess: Preprocess { resize: ResizeMode::Stretch, mean: vec![0.286], std: vec![0.353] },
+        input: InputSpec {
+            channels: 1,
+            height: 28,
+            width: 28,
+        },
+        preprocess: Preprocess {
+            resize: ResizeMode::Stretch,
+            mean: vec![0.286],
+            std: vec![0.353],
+        },
         classes: 10,
         labels: FASHION_LABELS.iter().map(|s| s.to_string()).collect(),
         arch: Arch {
             kind,
-            encoder: if kind == ArchKind::Wae { vec![16] } else { vec![] },
+            encoder: if kind == ArchKind::Wae {
+                vec![16]
+            } else {
+                vec![]
+            },
             backbone: vec![vec![64, 64], vec![128, 128], vec![256]],
             pool_ceil: true,
             branch_width: 0.25,
             head_low: vec![256],
             head_fuse: if kind.has_branch() { vec![256] } else { vec![] },
             batch_norm: false,
-            decoder: DecoderSpec { width: 16, convs: 1 },
+            decoder: DecoderSpec {
+                width: 16,
+                convs: 1,
+            },
         },
         untrained: true,
         training: None,
@@ -381,7 +462,13 @@ mod tests {
     fn label_mismatch_is_caught() {
         let mut c = preset("wae-fashion").unwrap();
         c.labels.pop();
-        assert_eq!(c.validate(), Err(ConfigError::LabelCount { labels: 9, classes: 10 }));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::LabelCount {
+                labels: 9,
+                classes: 10
+            })
+        );
     }
 
     #[test]
@@ -397,7 +484,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_errors() {
-        let mut v: serde_json::Value = serde_json::from_str(&preset("vgg16").unwrap().to_json()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&preset("vgg16").unwrap().to_json()).unwrap();
         v["arch"]["dilation"] = 2.into();
         assert!(serde_json::from_value::<ModelConfig>(v).is_err());
     }

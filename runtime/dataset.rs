@@ -91,7 +91,10 @@ impl Dataset {
     /// The images at `idx`, as a new dataset (e.g. a validation split).
     pub fn subset(&self, idx: &[usize]) -> Dataset {
         Dataset {
-            pixels: idx.iter().flat_map(|&i| self.image(i).iter().copied()).collect(),
+            pixels: idx
+                .iter()
+                .flat_map(|&i| self.image(i).iter().copied())
+                .collect(),
             labels: idx.iter().map(|&i| self.labels[i]).collect(),
             classes: self.classes.clone(),
             ..*self
@@ -100,11 +103,17 @@ impl Dataset {
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DatasetError> {
-    let io = |cause| DatasetError::Io { path: path.into(), cause };
+    let io = |cause| DatasetError::Io {
+        path: path.into(),
+        cause,
+    };
     let raw = std::fs::read(path).map_err(io)?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).take(MAX_IDX_BYTES as u64 + 1).read_to_end(&mut out).map_err(io)?;
+        flate2::read::GzDecoder::new(&raw[..])
+            .take(MAX_IDX_BYTES as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(io)?;
         Ok(out)
     } else {
         Ok(raw)
@@ -116,23 +125,49 @@ fn be_u32(b: &[u8], at: usize) -> u32 {
 }
 
 /// Parses an IDX file of unsigned bytes with `dims` dimensions; returns the dimensions and data.
-pub fn parse_idx(bytes: &[u8], dims: usize, what: &'static str, path: &Path) -> Result<(Vec<usize>, Vec<u8>), DatasetError> {
-    let corrupt = |reason: String| DatasetError::Corrupt { path: path.into(), reason };
+pub fn parse_idx(
+    bytes: &[u8],
+    dims: usize,
+    what: &'static str,
+    path: &Path,
+) -> Result<(Vec<usize>, Vec<u8>), DatasetError> {
+    let corrupt = |reason: String| DatasetError::Corrupt {
+        path: path.into(),
+        reason,
+    };
     let header = 4 + 4 * dims;
     if bytes.len() < header {
-        return Err(corrupt(format!("truncated IDX header ({} bytes)", bytes.len())));
+        return Err(corrupt(format!(
+            "truncated IDX header ({} bytes)",
+            bytes.len()
+        )));
     }
     let expected = 0x0800 | dims as u32;
     let magic = be_u32(bytes, 0);
     if magic != expected {
-        return Err(DatasetError::BadMagic { path: path.into(), what, got: magic, expected });
+        return Err(DatasetError::BadMagic {
+            path: path.into(),
+            what,
+            got: magic,
+            expected,
+        });
     }
-    let shape: Vec<usize> = (0..dims).map(|d| be_u32(bytes, 4 + 4 * d) as usize).collect();
-    let total = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&t| t <= MAX_IDX_BYTES);
-    let Some(total) = total else { return Err(corrupt(format!("absurd IDX dimensions {shape:?}"))) };
+    let shape: Vec<usize> = (0..dims)
+        .map(|d| be_u32(bytes, 4 + 4 * d) as usize)
+        .collect();
+    let total = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&t| t <= MAX_IDX_BYTES);
+    let Some(total) = total else {
+        return Err(corrupt(format!("absurd IDX dimensions {shape:?}")));
+    };
     let body = &bytes[header..];
     if body.len() != total {
-        return Err(corrupt(format!("IDX header {shape:?} promises {total} bytes of data, file has {}", body.len())));
+        return Err(corrupt(format!(
+            "IDX header {shape:?} promises {total} bytes of data, file has {}",
+            body.len()
+        )));
     }
     Ok((shape, body.to_vec()))
 }
@@ -144,7 +179,12 @@ pub fn read_idx_pair(images: &Path, labels: &Path) -> Result<Dataset, DatasetErr
     if lshape[0] != shape[0] {
         return Err(DatasetError::Corrupt {
             path: labels.into(),
-            reason: format!("{} labels for {} images in {}", lshape[0], shape[0], images.display()),
+            reason: format!(
+                "{} labels for {} images in {}",
+                lshape[0],
+                shape[0],
+                images.display()
+            ),
         });
     }
     let n_classes = labels_v.iter().copied().max().map_or(0, |m| m as usize + 1);
@@ -153,7 +193,14 @@ pub fn read_idx_pair(images: &Path, labels: &Path) -> Result<Dataset, DatasetErr
     } else {
         (0..n_classes).map(|i| format!("class_{i}")).collect()
     };
-    Ok(Dataset { pixels, labels: labels_v, channels: 1, height: shape[1], width: shape[2], classes })
+    Ok(Dataset {
+        pixels,
+        labels: labels_v,
+        channels: 1,
+        height: shape[1],
+        width: shape[2],
+        classes,
+    })
 }
 
 /// Fashion-MNIST from a directory holding the four standard IDX files (gzipped or not).
@@ -193,11 +240,20 @@ mod tests {
         let (s, d) = parse_idx(&idx(0x803, &[2, 2, 1], &[1, 2, 3, 4]), 3, "images", p).unwrap();
         assert_eq!((s, d), (vec![2, 2, 1], vec![1, 2, 3, 4]));
         let e = parse_idx(&idx(0x801, &[2, 2, 1], &[1, 2, 3, 4]), 3, "images", p).unwrap_err();
-        assert!(matches!(e, DatasetError::BadMagic { got: 0x801, .. }), "{e}");
+        assert!(
+            matches!(e, DatasetError::BadMagic { got: 0x801, .. }),
+            "{e}"
+        );
         let e = parse_idx(&idx(0x803, &[2, 2, 2], &[1, 2, 3]), 3, "images", p).unwrap_err();
         assert!(e.to_string().contains("promises 8 bytes"), "{e}");
         assert!(parse_idx(&[0, 0, 8], 1, "labels", p).is_err());
-        let e = parse_idx(&idx(0x803, &[u32::MAX, u32::MAX, u32::MAX], &[]), 3, "images", p).unwrap_err();
+        let e = parse_idx(
+            &idx(0x803, &[u32::MAX, u32::MAX, u32::MAX], &[]),
+            3,
+            "images",
+            p,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("absurd"), "{e}");
     }
 
@@ -210,14 +266,23 @@ mod tests {
             e.write_all(&bytes).unwrap();
             std::fs::write(d.path().join(name), e.finish().unwrap()).unwrap();
         };
-        gz("t10k-images-idx3-ubyte.gz", idx(0x803, &[2, 1, 2], &[0, 255, 7, 7]));
+        gz(
+            "t10k-images-idx3-ubyte.gz",
+            idx(0x803, &[2, 1, 2], &[0, 255, 7, 7]),
+        );
         gz("t10k-labels-idx1-ubyte.gz", idx(0x801, &[2], &[3, 9]));
         let ds = fashion_mnist(d.path(), Split::Test).unwrap();
         assert_eq!((ds.len(), ds.height, ds.width), (2, 1, 2));
         assert_eq!(ds.image(1), &[7, 7]);
         assert_eq!(ds.classes[9], "Ankle boot");
         gz("t10k-labels-idx1-ubyte.gz", idx(0x801, &[3], &[3, 9, 1]));
-        assert!(fashion_mnist(d.path(), Split::Test).unwrap_err().to_string().contains("3 labels for 2 images"));
-        assert!(matches!(fashion_mnist(d.path(), Split::Train), Err(DatasetError::Io { .. })));
+        assert!(fashion_mnist(d.path(), Split::Test)
+            .unwrap_err()
+            .to_string()
+            .contains("3 labels for 2 images"));
+        assert!(matches!(
+            fashion_mnist(d.path(), Split::Train),
+            Err(DatasetError::Io { .. })
+        ));
     }
 }

@@ -24,10 +24,16 @@ pub struct Decomposition {
 /// `[C, H, W]` f32 values to an 8-bit picture through `f`.
 fn to_image(t: &Tensor, f: impl Fn(usize, f32) -> f32) -> candle_core::Result<DynamicImage> {
     let (c, h, w) = t.dims3()?;
-    let v = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let v = t
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let px = |ch: usize, i: usize| f(ch, v[ch * h * w + i]).round().clamp(0.0, 255.0) as u8;
     Ok(if c == 1 {
-        DynamicImage::ImageLuma8(image::GrayImage::from_fn(w as u32, h as u32, |x, y| image::Luma([px(0, y as usize * w + x as usize)])))
+        DynamicImage::ImageLuma8(image::GrayImage::from_fn(w as u32, h as u32, |x, y| {
+            image::Luma([px(0, y as usize * w + x as usize)])
+        }))
     } else {
         DynamicImage::ImageRgb8(image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
             let i = y as usize * w + x as usize;
@@ -41,16 +47,35 @@ pub fn stretch(t: &Tensor) -> candle_core::Result<DynamicImage> {
     let lo = t.min_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     let hi = t.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     let span = hi - lo;
-    to_image(t, |_, v| if span > 0.0 { (v - lo) / span * 255.0 } else { 127.0 })
+    to_image(t, |_, v| {
+        if span > 0.0 {
+            (v - lo) / span * 255.0
+        } else {
+            127.0
+        }
+    })
 }
 
 /// Splits and rebuilds one picture.
-pub fn decompose(net: &WaeNet, dec: &Decoder, pre: &Preprocessor, img: &DynamicImage, device: &Device) -> candle_core::Result<Decomposition> {
-    let x = pre.to_tensor(img, device)?.to_dtype(crate::weights::compute_dtype(device))?;
+pub fn decompose(
+    net: &WaeNet,
+    dec: &Decoder,
+    pre: &Preprocessor,
+    img: &DynamicImage,
+    device: &Device,
+) -> candle_core::Result<Decomposition> {
+    let x = pre
+        .to_tensor(img, device)?
+        .to_dtype(crate::weights::compute_dtype(device))?;
     let (low, high) = net.split(&x, false)?;
     let high = high.ok_or_else(|| candle_core::Error::Msg("this model has no I_H".into()))?;
     let rebuilt = dec.forward(&low, &high)?;
-    let energy = |t: &Tensor| -> candle_core::Result<f64> { Ok(t.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64) };
+    let energy = |t: &Tensor| -> candle_core::Result<f64> {
+        Ok(t.to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64)
+    };
     let (el, eh) = (energy(&low)?, energy(&high)?);
     let c = pre.input().channels;
     let cfg = net.config();
@@ -68,10 +93,14 @@ pub fn decompose(net: &WaeNet, dec: &Decoder, pre: &Preprocessor, img: &DynamicI
 pub fn strip(d: &Decomposition, side: u32) -> DynamicImage {
     let tiles = [&d.input, &d.low, &d.high, &d.rebuilt];
     let gap = side / 16;
-    let mut out = image::RgbImage::from_pixel(4 * side + 3 * gap, side, image::Rgb([255, 255, 255]));
+    let mut out =
+        image::RgbImage::from_pixel(4 * side + 3 * gap, side, image::Rgb([255, 255, 255]));
     for (i, t) in tiles.iter().enumerate() {
-        let scaled = t.resize_exact(side, side, image::imageops::FilterType::Nearest).to_rgb8();
-        out.copy_from(&scaled, i as u32 * (side + gap), 0).expect("tile fits the strip");
+        let scaled = t
+            .resize_exact(side, side, image::imageops::FilterType::Nearest)
+            .to_rgb8();
+        out.copy_from(&scaled, i as u32 * (side + gap), 0)
+            .expect("tile fits the strip");
     }
     DynamicImage::ImageRgb8(out)
 }

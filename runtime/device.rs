@@ -4,7 +4,9 @@
 use candle_core::Device;
 
 /// A device the user asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceRequest {
     /// CUDA if built and present, then Metal, then CPU.
@@ -51,10 +53,22 @@ pub fn built_with(req: DeviceRequest) -> bool {
 pub fn select(req: DeviceRequest) -> Result<Device, DeviceError> {
     match req {
         DeviceRequest::Cpu => Ok(Device::Cpu),
-        DeviceRequest::Cuda if !built_with(req) => Err(DeviceError::NotBuilt { name: "CUDA", feature: "cuda" }),
-        DeviceRequest::Metal if !built_with(req) => Err(DeviceError::NotBuilt { name: "Metal", feature: "metal" }),
-        DeviceRequest::Cuda => Device::new_cuda(0).map_err(|cause| DeviceError::Unavailable { name: "CUDA", cause }),
-        DeviceRequest::Metal => Device::new_metal(0).map_err(|cause| DeviceError::Unavailable { name: "Metal", cause }),
+        DeviceRequest::Cuda if !built_with(req) => Err(DeviceError::NotBuilt {
+            name: "CUDA",
+            feature: "cuda",
+        }),
+        DeviceRequest::Metal if !built_with(req) => Err(DeviceError::NotBuilt {
+            name: "Metal",
+            feature: "metal",
+        }),
+        DeviceRequest::Cuda => Device::new_cuda(0).map_err(|cause| DeviceError::Unavailable {
+            name: "CUDA",
+            cause,
+        }),
+        DeviceRequest::Metal => Device::new_metal(0).map_err(|cause| DeviceError::Unavailable {
+            name: "Metal",
+            cause,
+        }),
         DeviceRequest::Auto => {
             if candle_core::utils::cuda_is_available() {
                 if let Ok(d) = Device::new_cuda(0) {
@@ -92,7 +106,10 @@ mod tests {
             assert!(e.contains("--features cuda"), "{e}");
         }
         if !cfg!(feature = "metal") {
-            assert!(select(DeviceRequest::Metal).unwrap_err().to_string().contains("--features metal"));
+            assert!(select(DeviceRequest::Metal)
+                .unwrap_err()
+                .to_string()
+                .contains("--features metal"));
         }
         if !cfg!(any(feature = "cuda", feature = "metal")) {
             assert!(select(DeviceRequest::Auto).unwrap().is_cpu());

@@ -44,16 +44,39 @@ pub fn batch_tensor(clf: &Classifier, ds: &Dataset, idx: &[usize]) -> candle_cor
     for &i in idx {
         clf.preprocessor().normalize_planar(ds.image(i), &mut data);
     }
-    Tensor::from_vec(data, (idx.len(), ds.channels, ds.height, ds.width), clf.device())
+    Tensor::from_vec(
+        data,
+        (idx.len(), ds.channels, ds.height, ds.width),
+        clf.device(),
+    )
 }
 
 /// Classifies every image of `ds` in batches of `batch` and tallies the results.
-pub fn evaluate(clf: &Classifier, ds: &Dataset, batch: usize, mut progress: impl FnMut(usize)) -> Result<EvalReport, EvalError> {
+pub fn evaluate(
+    clf: &Classifier,
+    ds: &Dataset,
+    batch: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<EvalReport, EvalError> {
     let input = clf.config().input;
-    if (input.channels, input.height, input.width) != (ds.channels, ds.height, ds.width) || ds.classes.len() > clf.config().classes {
+    if (input.channels, input.height, input.width) != (ds.channels, ds.height, ds.width)
+        || ds.classes.len() > clf.config().classes
+    {
         return Err(EvalError::Mismatch {
-            expected: format!("{}x{}x{}, {} classes", input.channels, input.height, input.width, clf.config().classes),
-            got: format!("{}x{}x{}, {} classes", ds.channels, ds.height, ds.width, ds.classes.len()),
+            expected: format!(
+                "{}x{}x{}, {} classes",
+                input.channels,
+                input.height,
+                input.width,
+                clf.config().classes
+            ),
+            got: format!(
+                "{}x{}x{}, {} classes",
+                ds.channels,
+                ds.height,
+                ds.width,
+                ds.classes.len()
+            ),
         });
     }
     let k = clf.config().classes;
@@ -62,7 +85,11 @@ pub fn evaluate(clf: &Classifier, ds: &Dataset, batch: usize, mut progress: impl
     for chunk in idx.chunks(batch.max(1)) {
         let logits = clf.logits(&batch_tensor(clf, ds, chunk)?)?;
         for (&i, row) in chunk.iter().zip(&logits) {
-            let pred = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |p| p.0);
+            let pred = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |p| p.0);
             confusion[ds.labels[i] as usize][pred] += 1;
         }
         progress(chunk.len());

@@ -23,7 +23,10 @@ pub struct SeededInit {
 impl SeededInit {
     /// A fresh store for `seed`.
     pub fn new(seed: u64) -> Self {
-        SeededInit { seed, tensors: Arc::default() }
+        SeededInit {
+            seed,
+            tensors: Arc::default(),
+        }
     }
 
     /// A VarBuilder (f32, CPU) drawing from this store.
@@ -64,7 +67,11 @@ impl SeededInit {
                 let d = Normal::new(mean as f32, stdev as f32).map_err(|e| err(&e))?;
                 (0..n).map(|_| d.sample(&mut rng)).collect()
             }
-            Init::Kaiming { dist, fan, non_linearity } => {
+            Init::Kaiming {
+                dist,
+                fan,
+                non_linearity,
+            } => {
                 let std = (non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt()) as f32;
                 match dist {
                     NormalOrUniform::Normal => {
@@ -88,7 +95,10 @@ impl SimpleBackend for SeededInit {
             return t.to_dtype(dtype)?.to_device(dev);
         }
         let t = self.draw(&s, name, init)?;
-        self.tensors.lock().expect("init lock").insert(name.to_string(), t.clone());
+        self.tensors
+            .lock()
+            .expect("init lock")
+            .insert(name.to_string(), t.clone());
         t.to_dtype(dtype)?.to_device(dev)
     }
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -111,7 +121,11 @@ mod tests {
         let draw = |seed| {
             let s = SeededInit::new(seed);
             candle_nn::conv2d(3, 8, 3, Default::default(), s.var_builder().pp("c")).unwrap();
-            s.tensors()["c.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            s.tensors()["c.weight"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));

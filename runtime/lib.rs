@@ -10,6 +10,7 @@ pub mod config;
 pub mod dataset;
 pub mod decompose;
 pub mod device;
+pub mod entropy;
 pub mod eval;
 pub mod init;
 pub mod model;

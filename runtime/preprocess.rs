@@ -58,19 +58,39 @@ fn limits() -> Limits {
     l
 }
 
-fn decode_reader<R: BufRead + Seek>(reader: ImageReader<R>, path: &Path) -> Result<DynamicImage, ImageError> {
-    let mut reader = reader.with_guessed_format().map_err(|cause| ImageError::Io { path: path.into(), cause })?;
+fn decode_reader<R: BufRead + Seek>(
+    reader: ImageReader<R>,
+    path: &Path,
+) -> Result<DynamicImage, ImageError> {
+    let mut reader = reader
+        .with_guessed_format()
+        .map_err(|cause| ImageError::Io {
+            path: path.into(),
+            cause,
+        })?;
     reader.limits(limits());
     reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(l) => ImageError::TooLarge { path: path.into(), reason: l.to_string() },
-        image::ImageError::IoError(cause) => ImageError::Io { path: path.into(), cause },
-        other => ImageError::Decode { path: path.into(), reason: other.to_string() },
+        image::ImageError::Limits(l) => ImageError::TooLarge {
+            path: path.into(),
+            reason: l.to_string(),
+        },
+        image::ImageError::IoError(cause) => ImageError::Io {
+            path: path.into(),
+            cause,
+        },
+        other => ImageError::Decode {
+            path: path.into(),
+            reason: other.to_string(),
+        },
     })
 }
 
 /// Decodes an image file (format guessed from its content), refusing absurd dimensions.
 pub fn load_image(path: &Path) -> Result<DynamicImage, ImageError> {
-    let io = |cause| ImageError::Io { path: path.into(), cause };
+    let io = |cause| ImageError::Io {
+        path: path.into(),
+        cause,
+    };
     if std::fs::metadata(path).map_err(io)?.len() == 0 {
         return Err(ImageError::Empty { path: path.into() });
     }
@@ -95,13 +115,20 @@ pub struct Preprocessor {
 impl Preprocessor {
     /// The preprocessing a model's config asks for.
     pub fn new(config: &ModelConfig) -> Self {
-        Preprocessor { input: config.input, pre: config.preprocess.clone() }
+        Preprocessor {
+            input: config.input,
+            pre: config.preprocess.clone(),
+        }
     }
 
     /// Resizes (per the resize policy) to the input size, keeping the input's channel count.
     pub fn resize(&self, img: &DynamicImage) -> DynamicImage {
         let (w, h) = (self.input.width as u32, self.input.height as u32);
-        let img = if self.input.channels == 1 { DynamicImage::ImageLuma8(img.to_luma8()) } else { DynamicImage::ImageRgb8(img.to_rgb8()) };
+        let img = if self.input.channels == 1 {
+            DynamicImage::ImageLuma8(img.to_luma8())
+        } else {
+            DynamicImage::ImageRgb8(img.to_rgb8())
+        };
         if img.width() == w && img.height() == h {
             return img;
         }
@@ -149,7 +176,11 @@ impl Preprocessor {
 
     /// Several pictures as one `[N, C, H, W]` f32 tensor on `device`.
     pub fn batch(&self, imgs: &[DynamicImage], device: &Device) -> candle_core::Result<Tensor> {
-        let InputSpec { channels, height, width } = self.input;
+        let InputSpec {
+            channels,
+            height,
+            width,
+        } = self.input;
         let data: Vec<f32> = imgs.iter().flat_map(|i| self.to_vec(i)).collect();
         Tensor::from_vec(data, (imgs.len(), channels, height, width), device)
     }
@@ -164,7 +195,8 @@ mod tests {
     fn gray_normalisation_by_hand() {
         let cfg = preset("plain-fashion").unwrap();
         let p = Preprocessor::new(&cfg);
-        let img = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(28, 28, image::Luma([255])));
+        let img =
+            DynamicImage::ImageLuma8(image::GrayImage::from_pixel(28, 28, image::Luma([255])));
         let v = p.to_vec(&img);
         assert_eq!(v.len(), 28 * 28);
         let expect = (1.0 - 0.286) / 0.353;
@@ -176,20 +208,39 @@ mod tests {
         let cfg = preset("vgg16").unwrap();
         let p = Preprocessor::new(&cfg);
         // 448x224: left half red, right half blue; the centre crop keeps both halves equally.
-        let img = image::RgbImage::from_fn(448, 224, |x, _| if x < 224 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) });
-        let t = p.to_tensor(&DynamicImage::ImageRgb8(img), &Device::Cpu).unwrap();
+        let img = image::RgbImage::from_fn(448, 224, |x, _| {
+            if x < 224 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        });
+        let t = p
+            .to_tensor(&DynamicImage::ImageRgb8(img), &Device::Cpu)
+            .unwrap();
         assert_eq!(t.dims(), &[1, 3, 224, 224]);
         let red = t.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
-        assert!(red[100][10] > 2.0 && red[100][200] < -1.0, "left of centre red, right not");
+        assert!(
+            red[100][10] > 2.0 && red[100][200] < -1.0,
+            "left of centre red, right not"
+        );
     }
 
     #[test]
     fn truncated_and_empty_images_are_errors() {
         let mut png = Vec::new();
-        image::GrayImage::new(8, 8).write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        image::GrayImage::new(8, 8)
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
         assert!(decode_bytes(&png, Path::new("ok.png")).is_ok());
         let e = decode_bytes(&png[..png.len() / 2], Path::new("cut.png")).unwrap_err();
-        assert!(matches!(e, ImageError::Decode { .. } | ImageError::Io { .. }), "{e}");
-        assert!(matches!(decode_bytes(&[], Path::new("e.png")), Err(ImageError::Empty { .. })));
+        assert!(
+            matches!(e, ImageError::Decode { .. } | ImageError::Io { .. }),
+            "{e}"
+        );
+        assert!(matches!(
+            decode_bytes(&[], Path::new("e.png")),
+            Err(ImageError::Empty { .. })
+        ));
     }
 }

@@ -139,12 +139,30 @@ pub enum ProfileError {
 
 /// The shipped profiles, compiled in: (file stem, TOML text).
 pub const SHIPPED: &[(&str, &str)] = &[
-    ("jetson-orin-nano", include_str!("../firmware-profiles/jetson-orin-nano.toml")),
-    ("jetson-xavier-nx", include_str!("../firmware-profiles/jetson-xavier-nx.toml")),
-    ("jetson-nano", include_str!("../firmware-profiles/jetson-nano.toml")),
-    ("apple-m-series", include_str!("../firmware-profiles/apple-m-series.toml")),
-    ("x86-64-cpu", include_str!("../firmware-profiles/x86-64-cpu.toml")),
-    ("raspberry-pi-5", include_str!("../firmware-profiles/raspberry-pi-5.toml")),
+    (
+        "jetson-orin-nano",
+        include_str!("../firmware-profiles/jetson-orin-nano.toml"),
+    ),
+    (
+        "jetson-xavier-nx",
+        include_str!("../firmware-profiles/jetson-xavier-nx.toml"),
+    ),
+    (
+        "jetson-nano",
+        include_str!("../firmware-profiles/jetson-nano.toml"),
+    ),
+    (
+        "apple-m-series",
+        include_str!("../firmware-profiles/apple-m-series.toml"),
+    ),
+    (
+        "x86-64-cpu",
+        include_str!("../firmware-profiles/x86-64-cpu.toml"),
+    ),
+    (
+        "raspberry-pi-5",
+        include_str!("../firmware-profiles/raspberry-pi-5.toml"),
+    ),
 ];
 
 const KNOWN_FEATURES: &[&str] = &["cuda", "metal", "camera", "train"];
@@ -153,11 +171,22 @@ impl Profile {
     /// Parses and validates profile text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Profile, ProfileError> {
         let p: Profile = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
             let msg = e.message().replace('\n', " ");
-            ProfileError::Parse { path: path.into(), reason: match line { Some(l) => format!("line {l}: {msg}"), None => msg } }
+            ProfileError::Parse {
+                path: path.into(),
+                reason: match line {
+                    Some(l) => format!("line {l}: {msg}"),
+                    None => msg,
+                },
+            }
         })?;
-        p.validate().map_err(|reason| ProfileError::Invalid { path: path.into(), reason })?;
+        p.validate().map_err(|reason| ProfileError::Invalid {
+            path: path.into(),
+            reason,
+        })?;
         Ok(p)
     }
 
@@ -168,26 +197,50 @@ impl Profile {
             DeviceRequest::Auto => None,
         };
         if want.is_some_and(|d| d != self.dtype) {
-            return Err(format!("dtype {:?} does not suit device {:?} (f32 on cpu, f16 on GPUs)", self.dtype, self.device));
+            return Err(format!(
+                "dtype {:?} does not suit device {:?} (f32 on cpu, f16 on GPUs)",
+                self.dtype, self.device
+            ));
         }
         if self.threads > 1024 {
             return Err(format!("threads = {} is not a thread count", self.threads));
         }
         let c = &self.camera;
-        if !(1..=8192).contains(&c.width) || !(1..=8192).contains(&c.height) || !(1..=480).contains(&c.fps) {
-            return Err(format!("camera {}x{}@{} outside 1..=8192 px and 1..=480 fps", c.width, c.height, c.fps));
+        if !(1..=8192).contains(&c.width)
+            || !(1..=8192).contains(&c.height)
+            || !(1..=480).contains(&c.fps)
+        {
+            return Err(format!(
+                "camera {}x{}@{} outside 1..=8192 px and 1..=480 fps",
+                c.width, c.height, c.fps
+            ));
         }
-        if let Some(f) = self.build.features.iter().find(|f| !KNOWN_FEATURES.contains(&f.as_str())) {
-            return Err(format!("unknown cargo feature `{f}` (known: {})", KNOWN_FEATURES.join(", ")));
+        if let Some(f) = self
+            .build
+            .features
+            .iter()
+            .find(|f| !KNOWN_FEATURES.contains(&f.as_str()))
+        {
+            return Err(format!(
+                "unknown cargo feature `{f}` (known: {})",
+                KNOWN_FEATURES.join(", ")
+            ));
         }
-        for (req, feature) in [(DeviceRequest::Cuda, "cuda"), (DeviceRequest::Metal, "metal")] {
+        for (req, feature) in [
+            (DeviceRequest::Cuda, "cuda"),
+            (DeviceRequest::Metal, "metal"),
+        ] {
             if self.device == req && !self.build.features.iter().any(|f| f == feature) {
-                return Err(format!("device {feature} needs build.features to include \"{feature}\""));
+                return Err(format!(
+                    "device {feature} needs build.features to include \"{feature}\""
+                ));
             }
         }
         if let Some(cap) = self.build.env.get("CUDA_COMPUTE_CAP") {
             if cap.is_empty() || !cap.chars().all(|c| c.is_ascii_digit()) {
-                return Err(format!("CUDA_COMPUTE_CAP = \"{cap}\" must be digits, e.g. \"87\""));
+                return Err(format!(
+                    "CUDA_COMPUTE_CAP = \"{cap}\" must be digits, e.g. \"87\""
+                ));
             }
         }
         Ok(())
@@ -200,7 +253,10 @@ impl Profile {
         }
         let path = Path::new(name_or_path);
         if path.extension().is_some_and(|e| e == "toml") || path.components().count() > 1 {
-            let text = std::fs::read_to_string(path).map_err(|cause| ProfileError::Io { path: path.into(), cause })?;
+            let text = std::fs::read_to_string(path).map_err(|cause| ProfileError::Io {
+                path: path.into(),
+                cause,
+            })?;
             return Profile::parse(&text, path);
         }
         Err(ProfileError::Unknown(name_or_path.to_string()))
@@ -213,7 +269,10 @@ impl Profile {
 
     /// Checks the back-end is in this build and opens it.
     pub fn device(&self) -> Result<candle_core::Device, ProfileError> {
-        device::select(self.device).map_err(|cause| ProfileError::Device { name: self.name.clone(), cause })
+        device::select(self.device).map_err(|cause| ProfileError::Device {
+            name: self.name.clone(),
+            cause,
+        })
     }
 }
 
@@ -225,7 +284,11 @@ mod tests {
     fn shipped_profiles_parse_and_match_the_directory() {
         let profiles = Profile::shipped().unwrap();
         for p in &profiles {
-            assert!(SHIPPED.iter().any(|(n, _)| *n == p.name), "name {} must equal its file stem", p.name);
+            assert!(
+                SHIPPED.iter().any(|(n, _)| *n == p.name),
+                "name {} must equal its file stem",
+                p.name
+            );
         }
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware-profiles");
         let mut on_disk: Vec<String> = std::fs::read_dir(dir)
@@ -237,8 +300,14 @@ mod tests {
         on_disk.sort();
         let mut shipped: Vec<String> = SHIPPED.iter().map(|(n, _)| n.to_string()).collect();
         shipped.sort();
-        assert_eq!(on_disk, shipped, "every file in firmware-profiles/ is compiled in");
-        let orin = profiles.iter().find(|p| p.name == "jetson-orin-nano").unwrap();
+        assert_eq!(
+            on_disk, shipped,
+            "every file in firmware-profiles/ is compiled in"
+        );
+        let orin = profiles
+            .iter()
+            .find(|p| p.name == "jetson-orin-nano")
+            .unwrap();
         assert_eq!(orin.build.env["CUDA_COMPUTE_CAP"], "87");
     }
 
@@ -246,12 +315,20 @@ mod tests {
     fn unknown_keys_and_contradictions_are_errors() {
         let (_, text) = SHIPPED.iter().find(|(n, _)| *n == "x86-64-cpu").unwrap();
         let extra = format!("{text}\nturbo = true\n");
-        let e = Profile::parse(&extra, Path::new("x.toml")).unwrap_err().to_string();
+        let e = Profile::parse(&extra, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("turbo") && e.starts_with("x.toml: line"), "{e}");
         assert!(!e.contains('\n'));
         let f16_cpu = text.replace("dtype = \"f32\"", "dtype = \"f16\"");
-        assert!(matches!(Profile::parse(&f16_cpu, Path::new("x.toml")), Err(ProfileError::Invalid { .. })));
-        assert!(matches!(Profile::resolve("no-such-board"), Err(ProfileError::Unknown(_))));
+        assert!(matches!(
+            Profile::parse(&f16_cpu, Path::new("x.toml")),
+            Err(ProfileError::Invalid { .. })
+        ));
+        assert!(matches!(
+            Profile::resolve("no-such-board"),
+            Err(ProfileError::Unknown(_))
+        ));
     }
 
     #[test]
@@ -261,6 +338,10 @@ mod tests {
             let e = orin.device().unwrap_err().to_string();
             assert!(e.contains("--features cuda"), "{e}");
         }
-        assert!(Profile::resolve("x86-64-cpu").unwrap().device().unwrap().is_cpu());
+        assert!(Profile::resolve("x86-64-cpu")
+            .unwrap()
+            .device()
+            .unwrap()
+            .is_cpu());
     }
 }

@@ -39,7 +39,10 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
     let mut out = Vec::new();
     for input in inputs {
         if input.is_dir() {
-            let io = |cause| InputError::Io { path: input.clone(), cause };
+            let io = |cause| InputError::Io {
+                path: input.clone(),
+                cause,
+            };
             let mut found = Vec::new();
             for entry in std::fs::read_dir(input).map_err(io)? {
                 let path = entry.map_err(io)?.path();
@@ -52,8 +55,12 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
         } else if input.exists() {
             out.push(input.clone());
         } else if let Some(pattern) = input.to_str().filter(|s| s.contains(['*', '?', '['])) {
-            let paths = glob::glob(pattern).map_err(|e| InputError::BadPattern(pattern.into(), e.msg.into()))?;
-            let mut found: Vec<PathBuf> = paths.filter_map(Result::ok).filter(|p| p.is_file()).collect();
+            let paths = glob::glob(pattern)
+                .map_err(|e| InputError::BadPattern(pattern.into(), e.msg.into()))?;
+            let mut found: Vec<PathBuf> = paths
+                .filter_map(Result::ok)
+                .filter(|p| p.is_file())
+                .collect();
             if found.is_empty() {
                 return Err(InputError::NoMatch(pattern.into()));
             }
@@ -77,13 +84,25 @@ mod tests {
             std::fs::write(d.path().join(n), b"x").unwrap();
         }
         let got = expand_inputs(&[d.path().to_path_buf()]).unwrap();
-        let names: Vec<_> = got.iter().map(|p| p.file_name().unwrap().to_str().unwrap()).collect();
+        let names: Vec<_> = got
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
         assert_eq!(names, ["a.JPG", "b.png"]);
         let glob = d.path().join("*.png");
         assert_eq!(expand_inputs(&[glob]).unwrap().len(), 1);
         let txt = d.path().join("notes.txt");
-        assert_eq!(expand_inputs(std::slice::from_ref(&txt)).unwrap(), vec![txt]);
-        assert!(matches!(expand_inputs(&[d.path().join("*.gif")]), Err(InputError::NoMatch(_))));
-        assert!(matches!(expand_inputs(&[d.path().join("missing.png")]), Err(InputError::NotFound(_))));
+        assert_eq!(
+            expand_inputs(std::slice::from_ref(&txt)).unwrap(),
+            vec![txt]
+        );
+        assert!(matches!(
+            expand_inputs(&[d.path().join("*.gif")]),
+            Err(InputError::NoMatch(_))
+        ));
+        assert!(matches!(
+            expand_inputs(&[d.path().join("missing.png")]),
+            Err(InputError::NotFound(_))
+        ));
     }
 }

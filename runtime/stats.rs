@@ -66,7 +66,10 @@ mod tests {
     fn percentiles_by_nearest_rank() {
         let d: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
         let s = summarize(&d);
-        assert_eq!((s.p50_ms, s.p90_ms, s.p99_ms, s.min_ms, s.max_ms), (50.0, 90.0, 99.0, 1.0, 100.0));
+        assert_eq!(
+            (s.p50_ms, s.p90_ms, s.p99_ms, s.min_ms, s.max_ms),
+            (50.0, 90.0, 99.0, 1.0, 100.0)
+        );
         assert_eq!(s.mean_ms, 50.5);
         assert_eq!(summarize(&[]).n, 0);
     }

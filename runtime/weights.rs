@@ -121,11 +121,24 @@ pub enum WeightsError {
 /// Records the name and shape of every tensor a builder asks for, returning zero-cost
 /// broadcast zeros, so the expected tensor list comes from the model code itself.
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<(String, Vec<usize>)>>>);
+struct Recorder(Arc<Mutex<TensorList>>);
+
+/// Tensor names with their shapes.
+pub type TensorList = Vec<(String, Vec<usize>)>;
 
 impl SimpleBackend for Recorder {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.lock().expect("recorder lock").push((name.to_string(), s.dims().to_vec()));
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .expect("recorder lock")
+            .push((name.to_string(), s.dims().to_vec()));
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
@@ -136,7 +149,7 @@ impl SimpleBackend for Recorder {
     }
 }
 
-fn record(build: impl FnOnce(VarBuilder) -> candle_core::Result<()>) -> Vec<(String, Vec<usize>)> {
+fn record(build: impl FnOnce(VarBuilder) -> candle_core::Result<()>) -> TensorList {
     let rec = Recorder::default();
     let vb = VarBuilder::from_backend(Box::new(rec.clone()), DType::F32, Device::Cpu);
     build(vb).expect("a validated config builds");
@@ -146,12 +159,12 @@ fn record(build: impl FnOnce(VarBuilder) -> candle_core::Result<()>) -> Vec<(Str
 }
 
 /// Name and shape of every tensor the inference network of a valid `config` reads.
-pub fn inference_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+pub fn inference_tensors(config: &ModelConfig) -> TensorList {
     record(|vb| WaeNet::new(config, vb).map(drop))
 }
 
 /// Name and shape of the training-only decoder's tensors (empty for single-branch kinds).
-pub fn decoder_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+pub fn decoder_tensors(config: &ModelConfig) -> TensorList {
     if !config.arch.kind.has_branch() {
         return vec![];
     }
@@ -160,7 +173,10 @@ pub fn decoder_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 
 /// Number of parameters in a list of shapes.
 pub fn param_count(tensors: &[(String, Vec<usize>)]) -> u64 {
-    tensors.iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum()
+    tensors
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum()
 }
 
 /// Compute dtype for a device: f32 on the CPU (candle's f16 CPU path converts to f32 internally
@@ -185,7 +201,10 @@ impl ModelFile {
     /// tensors' (for the finiteness check).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, WeightsError> {
         let path = path.as_ref().to_path_buf();
-        let io = |cause| WeightsError::Io { path: path.clone(), cause };
+        let io = |cause| WeightsError::Io {
+            path: path.clone(),
+            cause,
+        };
         let file = File::open(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len == 0 {
@@ -194,16 +213,24 @@ impl ModelFile {
         // SAFETY: the mapping is read-only and lives only while the network is built; a file
         // truncated underneath us by another process could fault, as with any mmap reader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let (_, meta) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| WeightsError::Format { path: path.clone(), reason: e.to_string() })?;
+        let (_, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| WeightsError::Format {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         let json = meta
             .metadata()
             .as_ref()
             .and_then(|m| m.get(CONFIG_KEY))
             .ok_or_else(|| WeightsError::MissingConfig { path: path.clone() })?;
-        let config: ModelConfig = serde_json::from_str(json)
-            .map_err(|e| WeightsError::BadConfig { path: path.clone(), reason: e.to_string() })?;
-        config.validate().map_err(|cause| WeightsError::Config { path: path.clone(), cause })?;
+        let config: ModelConfig =
+            serde_json::from_str(json).map_err(|e| WeightsError::BadConfig {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        config.validate().map_err(|cause| WeightsError::Config {
+            path: path.clone(),
+            cause,
+        })?;
         check_tensors(&mmap, &inference_tensors(&config), &path)?;
         Ok(ModelFile { path, mmap, config })
     }
@@ -232,35 +259,65 @@ impl ModelFile {
     /// fine-tuning); fails if the file carries no valid decoder.
     pub fn build_with_decoder(self, device: &Device) -> Result<(WaeNet, Decoder), WeightsError> {
         if !self.config.arch.kind.has_branch() {
-            return Err(WeightsError::MissingTensor { path: self.path.clone(), name: "decoder.* (this kind has no I_H)".into() });
+            return Err(WeightsError::MissingTensor {
+                path: self.path.clone(),
+                name: "decoder.* (this kind has no I_H)".into(),
+            });
         }
         check_tensors(&self.mmap, &decoder_tensors(&self.config), &self.path)?;
-        let candle = |cause| WeightsError::Candle { path: self.path.clone(), cause };
-        let vb = VarBuilder::from_slice_safetensors(&self.mmap, compute_dtype(device), device).map_err(candle)?;
+        let candle = |cause| WeightsError::Candle {
+            path: self.path.clone(),
+            cause,
+        };
+        let vb = VarBuilder::from_slice_safetensors(&self.mmap, compute_dtype(device), device)
+            .map_err(candle)?;
         let dec = Decoder::new(&self.config, vb.pp("decoder")).map_err(candle)?;
         Ok((WaeNet::new(&self.config, vb).map_err(candle)?, dec))
     }
 
     /// Builds the inference network on `device` (f32 on CPU, f16 on GPUs) and drops the mapping.
     pub fn build(self, device: &Device) -> Result<WaeNet, WeightsError> {
-        let candle = |cause| WeightsError::Candle { path: self.path.clone(), cause };
-        let vb = VarBuilder::from_slice_safetensors(&self.mmap, compute_dtype(device), device).map_err(candle)?;
+        let candle = |cause| WeightsError::Candle {
+            path: self.path.clone(),
+            cause,
+        };
+        let vb = VarBuilder::from_slice_safetensors(&self.mmap, compute_dtype(device), device)
+            .map_err(candle)?;
         WaeNet::new(&self.config, vb).map_err(candle)
     }
 }
 
 /// Checks that every listed tensor is present, F16, of the listed shape and finite.
-fn check_tensors(bytes: &[u8], expected: &[(String, Vec<usize>)], path: &Path) -> Result<(), WeightsError> {
+fn check_tensors(
+    bytes: &[u8],
+    expected: &[(String, Vec<usize>)],
+    path: &Path,
+) -> Result<(), WeightsError> {
     let path = path.to_path_buf();
-    let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Format { path: path.clone(), reason: e.to_string() })?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Format {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     for (name, shape) in expected {
         let (name, expected) = (name.clone(), shape.clone());
-        let view = st.tensor(&name).map_err(|_| WeightsError::MissingTensor { path: path.clone(), name: name.clone() })?;
+        let view = st.tensor(&name).map_err(|_| WeightsError::MissingTensor {
+            path: path.clone(),
+            name: name.clone(),
+        })?;
         if view.dtype() != Dtype::F16 {
-            return Err(WeightsError::Dtype { path, name, got: view.dtype() });
+            return Err(WeightsError::Dtype {
+                path,
+                name,
+                got: view.dtype(),
+            });
         }
         if view.shape() != expected.as_slice() {
-            return Err(WeightsError::Shape { path, name, expected, got: view.shape().to_vec() });
+            return Err(WeightsError::Shape {
+                path,
+                name,
+                expected,
+                got: view.shape().to_vec(),
+            });
         }
         let count = count_non_finite_f16(view.data());
         if count > 0 {
@@ -272,7 +329,10 @@ fn check_tensors(bytes: &[u8], expected: &[(String, Vec<usize>)], path: &Path) -
 
 /// Counts NaN/Inf values in little-endian f16 bytes (exponent bits all ones).
 fn count_non_finite_f16(bytes: &[u8]) -> usize {
-    bytes.chunks_exact(2).filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00).count()
+    bytes
+        .chunks_exact(2)
+        .filter(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00)
+        .count()
 }
 
 /// Opens, validates and builds in one step.
@@ -303,16 +363,31 @@ impl safetensors::View for &Blob {
 }
 
 fn to_f16_blob(t: &Tensor) -> candle_core::Result<Blob> {
-    let v = t.to_dtype(DType::F16)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<half::f16>()?;
+    let v = t
+        .to_dtype(DType::F16)?
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<half::f16>()?;
     let data = v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
-    Ok(Blob { dtype: Dtype::F16, shape: t.dims().to_vec(), data })
+    Ok(Blob {
+        dtype: Dtype::F16,
+        shape: t.dims().to_vec(),
+        data,
+    })
 }
 
 /// Writes `tensors` as an fp16 model file with `config` in its metadata, atomically: the bytes
 /// go to a temporary file in the same directory, which is renamed over `path` only when complete.
-pub fn save(path: impl AsRef<Path>, config: &ModelConfig, tensors: &HashMap<String, Tensor>) -> Result<(), WeightsError> {
+pub fn save(
+    path: impl AsRef<Path>,
+    config: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<(), WeightsError> {
     let path = path.as_ref();
-    let candle = |cause| WeightsError::Candle { path: path.to_path_buf(), cause };
+    let candle = |cause| WeightsError::Candle {
+        path: path.to_path_buf(),
+        cause,
+    };
     let mut blobs = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), to_f16_blob(t)?)))
@@ -321,14 +396,23 @@ pub fn save(path: impl AsRef<Path>, config: &ModelConfig, tensors: &HashMap<Stri
     blobs.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = HashMap::from([(CONFIG_KEY.to_string(), config.to_json())]);
     let bytes = safetensors::serialize(blobs.iter().map(|(n, b)| (n.as_str(), b)), Some(meta))
-        .map_err(|e| WeightsError::Format { path: path.to_path_buf(), reason: e.to_string() })?;
-    crate::atomic::write(path, &bytes).map_err(|cause| WeightsError::Io { path: path.to_path_buf(), cause })
+        .map_err(|e| WeightsError::Format {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    crate::atomic::write(path, &bytes).map_err(|cause| WeightsError::Io {
+        path: path.to_path_buf(),
+        cause,
+    })
 }
 
 /// Randomly initialised weights for `config` (He-normal convs, candle's defaults elsewhere),
 /// decoder included for the two-branch kinds, with the config marked untrained. Deterministic in
 /// `seed`.
-pub fn random_model(config: &ModelConfig, seed: u64) -> candle_core::Result<(ModelConfig, HashMap<String, Tensor>)> {
+pub fn random_model(
+    config: &ModelConfig,
+    seed: u64,
+) -> candle_core::Result<(ModelConfig, HashMap<String, Tensor>)> {
     let init = crate::init::SeededInit::new(seed);
     let vb = init.var_builder();
     WaeNet::new(config, vb.clone())?;
@@ -348,25 +432,41 @@ mod tests {
     #[test]
     fn expected_tensors_come_from_the_builder() {
         let cfg = preset("wae-fashion").unwrap();
-        let names: Vec<_> = inference_tensors(&cfg).into_iter().map(|(n, _)| n).collect();
+        let names: Vec<_> = inference_tensors(&cfg)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         assert!(names.contains(&"encoder.low.weight".to_string()));
         assert!(names.contains(&"branch.s0.c0.weight".to_string()));
         assert!(names.contains(&"head_fuse.fc1.bias".to_string()));
         assert!(!names.iter().any(|n| n.starts_with("decoder")));
-        assert!(decoder_tensors(&cfg).iter().all(|(n, _)| n.starts_with("decoder.")));
+        assert!(decoder_tensors(&cfg)
+            .iter()
+            .all(|(n, _)| n.starts_with("decoder.")));
         assert!(decoder_tensors(&preset("plain-fashion").unwrap()).is_empty());
     }
 
     #[test]
     fn non_finite_f16_is_counted() {
-        let vals = [half::f16::from_f32(1.0), half::f16::NAN, half::f16::INFINITY, half::f16::from_f32(-2.0)];
-        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect();
+        let vals = [
+            half::f16::from_f32(1.0),
+            half::f16::NAN,
+            half::f16::INFINITY,
+            half::f16::from_f32(-2.0),
+        ];
+        let bytes: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect();
         assert_eq!(count_non_finite_f16(&bytes), 2);
     }
 
     #[test]
     fn vgg16_param_count_is_vgg16() {
         // torchvision's VGG16 has 138,357,544 parameters.
-        assert_eq!(param_count(&inference_tensors(&preset("vgg16").unwrap())), 138_357_544);
+        assert_eq!(
+            param_count(&inference_tensors(&preset("vgg16").unwrap())),
+            138_357_544
+        );
     }
 }

@@ -14,14 +14,26 @@ use wae_edge::config::CONFIG_KEY;
 fn classify_fails(model: &Path, needle: &str) {
     let d = tempfile::tempdir().unwrap();
     let img = sample_png(d.path(), "ok.png");
-    let out = bin().args(["classify", "--model"]).arg(model).arg(&img).output().unwrap();
+    let out = bin()
+        .args(["classify", "--model"])
+        .arg(model)
+        .arg(&img)
+        .output()
+        .unwrap();
     assert_clean_failure(&out, needle);
     let name = model.file_name().unwrap().to_string_lossy();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.lines().any(|l| l.starts_with("error:") && l.contains(name.as_ref())), "error must name the file: {stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("error:") && l.contains(name.as_ref())),
+        "error must name the file: {stderr}"
+    );
 }
 
-fn with_model(edit: impl FnOnce(&mut wae_edge::ModelConfig, &mut Vec<(String, Raw)>)) -> (tempfile::TempDir, PathBuf) {
+fn with_model(
+    edit: impl FnOnce(&mut wae_edge::ModelConfig, &mut Vec<(String, Raw)>),
+) -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();
     let (mut cfg, mut raws) = raw_model("wae-fashion");
     edit(&mut cfg, &mut raws);
@@ -57,7 +69,9 @@ fn truncated_model() {
 fn random_bytes_model() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("random.safetensors");
-    let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&p, bytes).unwrap();
     classify_fails(&p, "not a valid safetensors file");
 }
@@ -83,16 +97,27 @@ fn missing_tensor() {
 #[test]
 fn wrong_shaped_tensor() {
     let (_d, p) = with_model(|_, raws| {
-        let t = &mut raws.iter_mut().find(|(n, _)| n == "backbone.s0.c0.weight").unwrap().1;
+        let t = &mut raws
+            .iter_mut()
+            .find(|(n, _)| n == "backbone.s0.c0.weight")
+            .unwrap()
+            .1;
         t.shape = vec![t.shape[0] / 2, 2, 3, 3];
     });
-    classify_fails(&p, "tensor `backbone.s0.c0.weight` has shape [32, 2, 3, 3], the config expects [64, 1, 3, 3]");
+    classify_fails(
+        &p,
+        "tensor `backbone.s0.c0.weight` has shape [32, 2, 3, 3], the config expects [64, 1, 3, 3]",
+    );
 }
 
 #[test]
 fn wrong_dtype_tensor() {
     let (_d, p) = with_model(|_, raws| {
-        let t = &mut raws.iter_mut().find(|(n, _)| n == "encoder.low.bias").unwrap().1;
+        let t = &mut raws
+            .iter_mut()
+            .find(|(n, _)| n == "encoder.low.bias")
+            .unwrap()
+            .1;
         t.dtype = Dtype::F32;
         t.data = vec![0u8; 4 * t.shape.iter().product::<usize>()];
     });
@@ -113,7 +138,14 @@ fn malformed_metadata() {
     let d = tempfile::tempdir().unwrap();
     let (_, raws) = raw_model("wae-fashion");
     let p = d.path().join("badmeta.safetensors");
-    write_raw(&p, &raws, Some(HashMap::from([(CONFIG_KEY.to_string(), "{\"format\": 1, \"name\": ".to_string())])));
+    write_raw(
+        &p,
+        &raws,
+        Some(HashMap::from([(
+            CONFIG_KEY.to_string(),
+            "{\"format\": 1, \"name\": ".to_string(),
+        )])),
+    );
     classify_fails(&p, "malformed model config");
 }
 
@@ -129,7 +161,10 @@ fn label_count_mismatch() {
 fn config_that_disagrees_with_tensors() {
     // The config says a wider first conv than the tensors hold.
     let (_d, p) = with_model(|cfg, _| cfg.arch.backbone[0][0] = 48);
-    classify_fails(&p, "tensor `backbone.s0.c0.bias` has shape [64], the config expects [48]");
+    classify_fails(
+        &p,
+        "tensor `backbone.s0.c0.bias` has shape [64], the config expects [48]",
+    );
 }
 
 fn classify_image_fails(write: impl FnOnce(&Path), needle: &str) {
@@ -137,14 +172,22 @@ fn classify_image_fails(write: impl FnOnce(&Path), needle: &str) {
     let model = fashion_model(d.path());
     let img = d.path().join("frame.png");
     write(&img);
-    let out = bin().args(["classify", "--model"]).arg(&model).arg(&img).output().unwrap();
+    let out = bin()
+        .args(["classify", "--model"])
+        .arg(&model)
+        .arg(&img)
+        .output()
+        .unwrap();
     assert_clean_failure(&out, needle);
     assert!(String::from_utf8_lossy(&out.stderr).contains("frame.png"));
 }
 
 #[test]
 fn corrupt_image() {
-    classify_image_fails(|p| std::fs::write(p, b"\x89PNG\r\n\x1a\nthis is not a png").unwrap(), "cannot decode image");
+    classify_image_fails(
+        |p| std::fs::write(p, b"\x89PNG\r\n\x1a\nthis is not a png").unwrap(),
+        "cannot decode image",
+    );
 }
 
 #[test]
@@ -169,21 +212,32 @@ fn huge_png() -> Vec<u8> {
     ihdr.extend_from_slice(&[8, 6, 0, 0, 0]);
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     png.extend(chunk(b"IHDR", &ihdr));
-    png.extend(chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
     png.extend(chunk(b"IEND", &[]));
     png
 }
 
 #[test]
 fn image_claiming_enormous_dimensions() {
-    classify_image_fails(|p| std::fs::write(p, huge_png()).unwrap(), "image too large to decode");
+    classify_image_fails(
+        |p| std::fs::write(p, huge_png()).unwrap(),
+        "image too large to decode",
+    );
 }
 
 #[test]
 fn missing_image() {
     let d = tempfile::tempdir().unwrap();
     let model = fashion_model(d.path());
-    let out = bin().args(["classify", "--model"]).arg(&model).arg(d.path().join("nope.jpg")).output().unwrap();
+    let out = bin()
+        .args(["classify", "--model"])
+        .arg(&model)
+        .arg(d.path().join("nope.jpg"))
+        .output()
+        .unwrap();
     assert_clean_failure(&out, "nope.jpg: no such file or directory");
 }
 
@@ -192,12 +246,25 @@ fn unknown_profile_key() {
     let d = tempfile::tempdir().unwrap();
     let model = fashion_model(d.path());
     let img = sample_png(d.path(), "a.png");
-    let text = std::fs::read_to_string("firmware-profiles/x86-64-cpu.toml").unwrap() + "\noverclock = true\n";
+    let text = std::fs::read_to_string("firmware-profiles/x86-64-cpu.toml").unwrap()
+        + "\noverclock = true\n";
     let prof = d.path().join("mine.toml");
     std::fs::write(&prof, text).unwrap();
-    let out = bin().args(["classify", "--profile"]).arg(&prof).arg("--model").arg(&model).arg(&img).output().unwrap();
+    let out = bin()
+        .args(["classify", "--profile"])
+        .arg(&prof)
+        .arg("--model")
+        .arg(&model)
+        .arg(&img)
+        .output()
+        .unwrap();
     assert_clean_failure(&out, "overclock");
-    let out = bin().args(["classify", "--profile", "no-such-board", "--model"]).arg(&model).arg(&img).output().unwrap();
+    let out = bin()
+        .args(["classify", "--profile", "no-such-board", "--model"])
+        .arg(&model)
+        .arg(&img)
+        .output()
+        .unwrap();
     assert_clean_failure(&out, "unknown profile `no-such-board`");
 }
 
@@ -207,13 +274,28 @@ fn device_this_build_cannot_use() {
     let model = fashion_model(d.path());
     let img = sample_png(d.path(), "a.png");
     if !cfg!(feature = "cuda") {
-        let out = bin().args(["classify", "--device", "cuda", "--model"]).arg(&model).arg(&img).output().unwrap();
+        let out = bin()
+            .args(["classify", "--device", "cuda", "--model"])
+            .arg(&model)
+            .arg(&img)
+            .output()
+            .unwrap();
         assert_clean_failure(&out, "--features cuda");
-        let out = bin().args(["classify", "--profile", "jetson-orin-nano", "--model"]).arg(&model).arg(&img).output().unwrap();
+        let out = bin()
+            .args(["classify", "--profile", "jetson-orin-nano", "--model"])
+            .arg(&model)
+            .arg(&img)
+            .output()
+            .unwrap();
         assert_clean_failure(&out, "--features cuda");
     }
     if !cfg!(feature = "metal") {
-        let out = bin().args(["classify", "--device", "metal", "--model"]).arg(&model).arg(&img).output().unwrap();
+        let out = bin()
+            .args(["classify", "--device", "metal", "--model"])
+            .arg(&model)
+            .arg(&img)
+            .output()
+            .unwrap();
         assert_clean_failure(&out, "--features metal");
     }
 }

@@ -6,7 +6,10 @@ use common::*;
 use serde_json::Value;
 
 fn json_lines(out: &std::process::Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
 }
 
 #[test]
@@ -14,8 +17,17 @@ fn json_lines_have_input_top_and_ms() {
     let d = tempfile::tempdir().unwrap();
     let model = fashion_model(d.path());
     let img = sample_png(d.path(), "a.png");
-    let out = bin().args(["classify", "--json", "--top-k", "10", "--model"]).arg(&model).arg(&img).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .args(["classify", "--json", "--top-k", "10", "--model"])
+        .arg(&model)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 1);
     let l = &lines[0];
@@ -25,10 +37,17 @@ fn json_lines_have_input_top_and_ms() {
     assert_eq!(top.len(), 10);
     let scores: Vec<f64> = top.iter().map(|p| p["score"].as_f64().unwrap()).collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "sorted best first");
-    assert!((scores.iter().sum::<f64>() - 1.0).abs() < 1e-3, "softmax over all classes sums to 1");
-    let classes: std::collections::BTreeSet<u64> = top.iter().map(|p| p["class"].as_u64().unwrap()).collect();
+    assert!(
+        (scores.iter().sum::<f64>() - 1.0).abs() < 1e-3,
+        "softmax over all classes sums to 1"
+    );
+    let classes: std::collections::BTreeSet<u64> =
+        top.iter().map(|p| p["class"].as_u64().unwrap()).collect();
     assert_eq!(classes.len(), 10);
-    assert_eq!(top.iter().find(|p| p["class"] == 9).unwrap()["label"], "Ankle boot");
+    assert_eq!(
+        top.iter().find(|p| p["class"] == 9).unwrap()["label"],
+        "Ankle boot"
+    );
     // A model from `new` is loudly untrained.
     assert!(String::from_utf8_lossy(&out.stderr).contains("UNTRAINED"));
     assert_eq!(l["untrained"], true);
@@ -39,13 +58,20 @@ fn human_output_lists_top_k_like_imagenet() {
     let d = tempfile::tempdir().unwrap();
     let model = fashion_model(d.path());
     let img = sample_png(d.path(), "a.png");
-    let out = bin().args(["classify", "--top-k", "3", "--device", "cpu", "--model"]).arg(&model).arg(&img).output().unwrap();
+    let out = bin()
+        .args(["classify", "--top-k", "3", "--device", "cpu", "--model"])
+        .arg(&model)
+        .arg(&img)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 4, "{stdout}");
     assert!(lines[0].starts_with(img.to_str().unwrap()) && lines[0].ends_with("ms)"));
-    assert!(lines[1..].iter().all(|l| l.contains("% ") && l.contains("class #")));
+    assert!(lines[1..]
+        .iter()
+        .all(|l| l.contains("% ") && l.contains("class #")));
     assert!(String::from_utf8_lossy(&out.stderr).contains("device: cpu"));
 }
 
@@ -59,15 +85,30 @@ fn directories_and_globs_expand_and_one_bad_file_fails_the_run() {
         sample_png(&imgs, n);
     }
     std::fs::write(imgs.join("readme.txt"), "not an image").unwrap();
-    let out = bin().args(["classify", "--json", "--model"]).arg(&model).arg(&imgs).output().unwrap();
+    let out = bin()
+        .args(["classify", "--json", "--model"])
+        .arg(&model)
+        .arg(&imgs)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert_eq!(json_lines(&out).len(), 3);
     let glob = imgs.join("[12].png");
-    let out = bin().args(["classify", "--json", "--model"]).arg(&model).arg(&glob).output().unwrap();
+    let out = bin()
+        .args(["classify", "--json", "--model"])
+        .arg(&model)
+        .arg(&glob)
+        .output()
+        .unwrap();
     assert_eq!(json_lines(&out).len(), 2);
     // A corrupt image among good ones: the good ones are still classified, the run fails.
     std::fs::write(imgs.join("4.png"), b"\x89PNG\r\n\x1a\n garbage").unwrap();
-    let out = bin().args(["classify", "--json", "--model"]).arg(&model).arg(&imgs).output().unwrap();
+    let out = bin()
+        .args(["classify", "--json", "--model"])
+        .arg(&model)
+        .arg(&imgs)
+        .output()
+        .unwrap();
     assert_eq!(json_lines(&out).len(), 3);
     assert_clean_failure(&out, "4.png");
 }
@@ -93,11 +134,29 @@ fn decoder_tensors_are_never_read() {
     let garbled = d.path().join("garbled.safetensors");
     write_model(&garbled, &cfg, &garbage);
     let stripped = d.path().join("stripped.safetensors");
-    write_model(&stripped, &cfg, &raws.iter().filter(|(n, _)| !n.starts_with("decoder.")).cloned().collect::<Vec<_>>());
+    write_model(
+        &stripped,
+        &cfg,
+        &raws
+            .iter()
+            .filter(|(n, _)| !n.starts_with("decoder."))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
     let img = sample_png(d.path(), "x.png");
     let top = |m: &std::path::Path| {
-        let out = bin().args(["classify", "--json", "--top-k", "10", "--model"]).arg(m).arg(&img).output().unwrap();
-        assert!(out.status.success(), "{}: {}", m.display(), String::from_utf8_lossy(&out.stderr));
+        let out = bin()
+            .args(["classify", "--json", "--top-k", "10", "--model"])
+            .arg(m)
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            m.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         json_lines(&out)[0]["top"].clone()
     };
     let reference = top(&good);
@@ -116,7 +175,12 @@ fn decoder_tensors_are_never_read() {
         .collect();
     let nan = d.path().join("nan.safetensors");
     write_model(&nan, &cfg, &bad);
-    let out = bin().args(["classify", "--model"]).arg(&nan).arg(&img).output().unwrap();
+    let out = bin()
+        .args(["classify", "--model"])
+        .arg(&nan)
+        .arg(&img)
+        .output()
+        .unwrap();
     assert_clean_failure(&out, "head_low.fc0.weight");
 }
 
@@ -127,7 +191,12 @@ fn the_model_runs_in_the_library_with_the_shapes_the_paper_gives() {
     let p = d.path().join("m.safetensors");
     write_model(&p, &cfg, &raws);
     let net = wae_edge::weights::load(&p, &candle_core::Device::Cpu).unwrap();
-    let x = candle_core::Tensor::zeros((4, 1, 28, 28), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let x = candle_core::Tensor::zeros(
+        (4, 1, 28, 28),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let (low, high) = net.split(&x, false).unwrap();
     assert_eq!(low.dims(), &[4, 1, 14, 14]);
     assert_eq!(high.unwrap().dims(), &[4, 1, 14, 14]);
@@ -142,8 +211,19 @@ fn decompose_writes_the_split_as_pictures() {
     let model = fashion_model(d.path());
     let img = sample_png(d.path(), "boot.png");
     let out_dir = d.path().join("dec");
-    let out = bin().args(["decompose", "--model"]).arg(&model).arg("-o").arg(&out_dir).arg(&img).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .args(["decompose", "--model"])
+        .arg(&model)
+        .arg("-o")
+        .arg(&out_dir)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for part in ["input", "low", "high", "rec", "strip"] {
         let p = out_dir.join(format!("boot_{part}.png"));
         let pic = image::open(&p).unwrap();
@@ -155,13 +235,22 @@ fn decompose_writes_the_split_as_pictures() {
         assert_eq!((pic.width(), pic.height()), want, "{part}");
     }
     // Stretched: the low image uses the full range.
-    let low = image::open(out_dir.join("boot_low.png")).unwrap().to_luma8();
+    let low = image::open(out_dir.join("boot_low.png"))
+        .unwrap()
+        .to_luma8();
     assert_eq!(low.pixels().map(|p| p.0[0]).max(), Some(255));
     assert_eq!(low.pixels().map(|p| p.0[0]).min(), Some(0));
     // A model without I_H has nothing to decompose.
     let (cfg, raws) = raw_model("plain-fashion");
     let plain = d.path().join("plain.safetensors");
     write_model(&plain, &cfg, &raws);
-    let out = bin().args(["decompose", "--model"]).arg(&plain).arg("-o").arg(&out_dir).arg(&img).output().unwrap();
+    let out = bin()
+        .args(["decompose", "--model"])
+        .arg(&plain)
+        .arg("-o")
+        .arg(&out_dir)
+        .arg(&img)
+        .output()
+        .unwrap();
     assert_clean_failure(&out, "plain.safetensors");
 }

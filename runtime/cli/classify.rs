@@ -56,12 +56,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
     }
     let k = args.top_k.clamp(1, clf.config().classes);
-    let bar = if inputs.len() >= 50 { ProgressBar::new(inputs.len() as u64) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}").expect("static template"));
+    let bar = if inputs.len() >= 50 {
+        ProgressBar::new(inputs.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
+            .expect("static template"),
+    );
     let mut failed = 0usize;
     for path in &inputs {
         let t = Instant::now();
-        let result = load_image(path).map_err(anyhow::Error::from).and_then(|img| Ok(clf.classify(&[img], k)?));
+        let result = load_image(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|img| Ok(clf.classify(&[img], k)?));
         let ms = t.elapsed().as_secs_f64() * 1e3;
         bar.inc(1);
         match result {
@@ -69,12 +78,25 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 let top = top.pop().unwrap_or_default();
                 bar.suspend(|| {
                     if args.json {
-                        let line = Line { input: path.to_string_lossy().into_owned(), top: &top, ms, untrained };
-                        println!("{}", serde_json::to_string(&line).expect("plain data serialises"));
+                        let line = Line {
+                            input: path.to_string_lossy().into_owned(),
+                            top: &top,
+                            ms,
+                            untrained,
+                        };
+                        println!(
+                            "{}",
+                            serde_json::to_string(&line).expect("plain data serialises")
+                        );
                     } else {
                         println!("{}  ({ms:.2} ms)", path.display());
                         for p in &top {
-                            println!("  {:6.2}%  class #{:<3} {}", p.score * 100.0, p.class, p.label);
+                            println!(
+                                "  {:6.2}%  class #{:<3} {}",
+                                p.score * 100.0,
+                                p.class,
+                                p.label
+                            );
                         }
                     }
                 });

@@ -112,8 +112,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         c.classes,
         if c.untrained { ", UNTRAINED" } else { "" }
     );
-    println!("  preprocess: {:?} resize, mean {:?}, std {:?}", c.preprocess.resize, c.preprocess.mean, c.preprocess.std);
-    println!("  backbone {:?}, branch width x{}, heads {:?} / {:?}", c.arch.backbone, c.arch.branch_width, c.arch.head_low, c.arch.head_fuse);
+    println!(
+        "  preprocess: {:?} resize, mean {:?}, std {:?}",
+        c.preprocess.resize, c.preprocess.mean, c.preprocess.std
+    );
+    println!(
+        "  backbone {:?}, branch width x{}, heads {:?} / {:?}",
+        c.arch.backbone, c.arch.branch_width, c.arch.head_low, c.arch.head_fuse
+    );
     println!("  {:<10} {:>12} {:>12}", "part", "params", "MACs");
     let p = &report.params;
     for (name, pp, mm) in [
@@ -127,10 +133,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
         println!("  {name:<10} {} {}", mp(pp), g(mm));
     }
     println!("  * training only, never loaded for inference");
-    println!("  without encoder: {}   plain counterpart: {}   ratio {:.2}x", g(m.without_encoder()).trim(), g(plain.total).trim(), report.macs_ratio);
-    println!("  file {:.1} MB, load {:.0} ms (CPU, f32)", file_bytes as f64 / 1e6, load_ms);
+    println!(
+        "  without encoder: {}   plain counterpart: {}   ratio {:.2}x",
+        g(m.without_encoder()).trim(),
+        g(plain.total).trim(),
+        report.macs_ratio
+    );
+    println!(
+        "  file {:.1} MB, load {:.0} ms (CPU, f32)",
+        file_bytes as f64 / 1e6,
+        load_ms
+    );
     if let Some((rss, peak)) = mem {
-        println!("  resident after load {:.0} MB, peak {:.0} MB", rss as f64 / 1e6, peak as f64 / 1e6);
+        println!(
+            "  resident after load {:.0} MB, peak {:.0} MB",
+            rss as f64 / 1e6,
+            peak as f64 / 1e6
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

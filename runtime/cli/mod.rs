@@ -97,6 +97,16 @@ enum Command {
         /// Image to split.
         image: PathBuf,
     },
+    /// Dataset entropy as EBCLE computes it (mean per-image Shannon entropy, nats).
+    #[cfg(feature = "train")]
+    Entropy {
+        /// `fashion-mnist` or a directory of IDX files; the training split is used.
+        #[arg(long, default_value = "fashion-mnist")]
+        dataset: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the shipped firmware profiles.
     Profiles {
         /// One JSON object per profile.
@@ -114,32 +124,73 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(args) => train::run_train(args),
         #[cfg(feature = "train")]
         Command::Eval(args) => train::run_eval(args),
-        Command::New { preset: name, output, seed } => {
-            let Some(config) = preset(&name) else { bail!("unknown preset {name}") };
-            let (config, tensors) = weights::random_model(&config, seed).context("initialising weights")?;
+        Command::New {
+            preset: name,
+            output,
+            seed,
+        } => {
+            let Some(config) = preset(&name) else {
+                bail!("unknown preset {name}")
+            };
+            let (config, tensors) =
+                weights::random_model(&config, seed).context("initialising weights")?;
             weights::save(&output, &config, &tensors)?;
             let params = weights::param_count(&weights::inference_tensors(&config));
-            eprintln!("wrote {} ({name}, {params} inference parameters, UNTRAINED random weights)", output.display());
+            eprintln!(
+                "wrote {} ({name}, {params} inference parameters, UNTRAINED random weights)",
+                output.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Decompose { model, output, image } => {
+        Command::Decompose {
+            model,
+            output,
+            image,
+        } => {
             let model = model_path(model);
             let (net, dec) = weights::ModelFile::open(&model)?.build_with_decoder(&Device::Cpu)?;
             let pre = wae_edge::preprocess::Preprocessor::new(net.config());
             let img = wae_edge::preprocess::load_image(&image)?;
             let d = wae_edge::decompose::decompose(&net, &dec, &pre, &img, &Device::Cpu)
                 .with_context(|| format!("decomposing {}", image.display()))?;
-            std::fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
-            let stem = image.file_stem().map_or("image".into(), |s| s.to_string_lossy().into_owned());
+            std::fs::create_dir_all(&output)
+                .with_context(|| format!("creating {}", output.display()))?;
+            let stem = image
+                .file_stem()
+                .map_or("image".into(), |s| s.to_string_lossy().into_owned());
             let strip = wae_edge::decompose::strip(&d, 224);
-            for (part, pic) in [("input", &d.input), ("low", &d.low), ("high", &d.high), ("rec", &d.rebuilt), ("strip", &strip)] {
+            for (part, pic) in [
+                ("input", &d.input),
+                ("low", &d.low),
+                ("high", &d.high),
+                ("rec", &d.rebuilt),
+                ("strip", &strip),
+            ] {
                 let path = output.join(format!("{stem}_{part}.png"));
                 let mut png = Vec::new();
                 pic.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-                wae_edge::atomic::write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
+                wae_edge::atomic::write(&path, &png)
+                    .with_context(|| format!("writing {}", path.display()))?;
                 println!("{}", path.display());
             }
-            eprintln!("I_L holds {:.1}% of the split's energy", 100.0 * d.low_energy_share);
+            eprintln!(
+                "I_L holds {:.1}% of the split's energy",
+                100.0 * d.low_energy_share
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "train")]
+        Command::Entropy { dataset, json } => {
+            let ds = train::load_split(&dataset, wae_edge::dataset::Split::Train)?;
+            let r = wae_edge::entropy::dataset_entropy(&ds);
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{dataset}: mean entropy {:.4} nats (std {:.4}, min {:.4}, max {:.4}) over {} training images; 8-bit bound ln 256 = {:.4}",
+                    r.mean_nats, r.std_nats, r.min_nats, r.max_nats, r.n, r.bound_nats
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Profiles { json } => {
@@ -147,8 +198,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 if json {
                     println!("{}", serde_json::to_string(&p)?);
                 } else {
-                    let built = if device::built_with(p.device) { "" } else { "  [not in this build]" };
-                    println!("{:<18} {:<6} {}{built}", p.name, format!("{:?}", p.device).to_lowercase(), p.description);
+                    let built = if device::built_with(p.device) {
+                        ""
+                    } else {
+                        "  [not in this build]"
+                    };
+                    println!(
+                        "{:<18} {:<6} {}{built}",
+                        p.name,
+                        format!("{:?}", p.device).to_lowercase(),
+                        p.description
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -113,7 +113,8 @@ pub struct EvalArgs {
 /// The dataset directory for a `--dataset` value.
 pub fn dataset_dir(spec: &str) -> PathBuf {
     if spec == "fashion-mnist" {
-        std::env::var_os("WAE_EDGE_FASHION_MNIST").map_or_else(|| PathBuf::from(dataset::FASHION_MNIST_DIR), PathBuf::from)
+        std::env::var_os("WAE_EDGE_FASHION_MNIST")
+            .map_or_else(|| PathBuf::from(dataset::FASHION_MNIST_DIR), PathBuf::from)
     } else {
         PathBuf::from(spec)
     }
@@ -126,7 +127,11 @@ pub fn load_split(spec: &str, split: Split) -> Result<Dataset> {
         anyhow::bail!(
             "{}: dataset directory not found{}",
             dir.display(),
-            if spec == "fashion-mnist" { " (install it: apt-get install dataset-fashion-mnist)" } else { "" }
+            if spec == "fashion-mnist" {
+                " (install it: apt-get install dataset-fashion-mnist)"
+            } else {
+                ""
+            }
         );
     }
     Ok(dataset::fashion_mnist(&dir, split)?)
@@ -134,7 +139,15 @@ pub fn load_split(spec: &str, split: Split) -> Result<Dataset> {
 
 fn parse_backbone(s: &str) -> Result<Vec<Vec<usize>>> {
     s.split('/')
-        .map(|st| st.split(',').map(|w| w.trim().parse::<usize>().with_context(|| format!("bad width `{w}` in --backbone"))).collect())
+        .map(|st| {
+            st.split(',')
+                .map(|w| {
+                    w.trim()
+                        .parse::<usize>()
+                        .with_context(|| format!("bad width `{w}` in --backbone"))
+                })
+                .collect()
+        })
         .collect()
 }
 
@@ -190,10 +203,24 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
     let report = train::train(&options, &train_set, &a.out, a.resume)?;
     let export = a.export.unwrap_or_else(|| a.out.join("model.safetensors"));
     let mut config = report.config.clone();
-    let last_val = report.metrics.iter().rev().find(|m| m.val_acc.is_finite()).map(|m| m.val_acc);
+    let last_val = report
+        .metrics
+        .iter()
+        .rev()
+        .find(|m| m.val_acc.is_finite())
+        .map(|m| m.val_acc);
     let epochs: serde_json::Map<String, serde_json::Value> = train::plan(&options)
         .into_iter()
-        .map(|(s, e)| (serde_json::to_value(s).unwrap_or_default().as_str().unwrap_or_default().to_string(), e.into()))
+        .map(|(s, e)| {
+            (
+                serde_json::to_value(s)
+                    .unwrap_or_default()
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                e.into(),
+            )
+        })
         .collect();
     let mut facts = serde_json::json!({
         "dataset": options.dataset_name,
@@ -218,7 +245,12 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
     facts["test_images"] = eval.n.into();
     config.training = Some(facts);
     weights::save(&export, &config, &report.tensors)?;
-    eprintln!("wrote {}: test accuracy {:.4} on {} images", export.display(), eval.accuracy, eval.n);
+    eprintln!(
+        "wrote {}: test accuracy {:.4} on {} images",
+        export.display(),
+        eval.accuracy,
+        eval.n
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -228,19 +260,28 @@ pub fn run_eval(a: EvalArgs) -> Result<ExitCode> {
     let clf = Classifier::load(&model, &device)?;
     let test = load_split(&a.dataset, Split::Test)?;
     let bar = ProgressBar::new(test.len() as u64);
-    let r = evaluate(&clf, &test, a.batch, |n| bar.inc(n as u64)).with_context(|| model.display().to_string())?;
+    let r = evaluate(&clf, &test, a.batch, |n| bar.inc(n as u64))
+        .with_context(|| model.display().to_string())?;
     bar.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{}: accuracy {:.4} on {} test images", model.display(), r.accuracy, r.n);
+    println!(
+        "{}: accuracy {:.4} on {} test images",
+        model.display(),
+        r.accuracy,
+        r.n
+    );
     for (c, acc) in r.per_class.iter().enumerate() {
         println!("  {:>2} {:<12} {:.4}", c, r.labels[c], acc);
     }
     println!("confusion (rows: true, columns: predicted)");
     for row in &r.confusion {
-        println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());
+        println!(
+            "  {}",
+            row.iter().map(|v| format!("{v:>5}")).collect::<String>()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

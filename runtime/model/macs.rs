@@ -34,7 +34,12 @@ fn conv(c_in: usize, c_out: usize, k: usize, h_out: usize, w_out: usize) -> u64 
 }
 
 /// MACs of a VGG stack and the channels it ends with.
-fn stack(c_in: usize, stages: &[Vec<usize>], (mut h, mut w): (usize, usize), ceil: bool) -> (u64, usize) {
+fn stack(
+    c_in: usize,
+    stages: &[Vec<usize>],
+    (mut h, mut w): (usize, usize),
+    ceil: bool,
+) -> (u64, usize) {
     let (mut macs, mut c) = (0, c_in);
     for stage in stages {
         for &width in stage {
@@ -80,7 +85,12 @@ pub fn count(config: &ModelConfig) -> Macs {
     let mut heads = mlp(c_low * fh * fw, &a.head_low, config.classes);
     let (mut branch, mut decoder) = (0, 0);
     if a.kind.has_branch() {
-        let (m, c_high) = stack(config.high_channels(), &config.branch_stages(), (hh, hw), a.pool_ceil);
+        let (m, c_high) = stack(
+            config.high_channels(),
+            &config.branch_stages(),
+            (hh, hw),
+            a.pool_ceil,
+        );
         branch = m;
         heads += mlp((c_low + c_high) * fh * fw, &a.head_fuse, config.classes);
         let d = &a.decoder;
@@ -88,7 +98,14 @@ pub fn count(config: &ModelConfig) -> Macs {
             + d.convs as u64 * conv(d.width, d.width, 3, h, w)
             + conv(d.width, c, 3, h, w);
     }
-    Macs { encoder, backbone, branch, heads, decoder, total: encoder + backbone + branch + heads }
+    Macs {
+        encoder,
+        backbone,
+        branch,
+        heads,
+        decoder,
+        total: encoder + backbone + branch + heads,
+    }
 }
 
 #[cfg(test)]
@@ -102,7 +119,11 @@ mod tests {
         let vgg = count(&preset("vgg16").unwrap());
         // Paper Table 1: 4.11 G for WAE (encoder not counted) vs 15.36 G for VGG16.
         let g = |m: u64| m as f64 / 1e9;
-        assert!((g(wae.without_encoder()) - 4.12).abs() < 0.03, "{}", g(wae.without_encoder()));
+        assert!(
+            (g(wae.without_encoder()) - 4.12).abs() < 0.03,
+            "{}",
+            g(wae.without_encoder())
+        );
         assert!((g(wae.encoder) - 0.264).abs() < 0.01, "{}", g(wae.encoder));
         assert!((g(vgg.total) - 15.4).abs() < 0.1, "{}", g(vgg.total));
         assert_eq!(vgg.encoder + vgg.branch + vgg.decoder, 0);

@@ -16,9 +16,24 @@ pub const BN_EPS: f64 = 1e-5;
 
 /// A 3x3 conv, padding 1, with optional batch norm and ReLU. Tensors live at `vb`
 /// (`weight`, `bias`) and `vb.bn` (`weight`, `bias`, `running_mean`, `running_var`).
-pub fn conv3x3(c_in: usize, c_out: usize, stride: usize, bn: bool, relu: bool, vb: VarBuilder) -> Result<FuncT<'static>> {
-    let cfg = Conv2dConfig { padding: 1, stride, ..Default::default() };
-    let bn = if bn { Some(candle_nn::batch_norm(c_out, BN_EPS, vb.pp("bn"))?) } else { None };
+pub fn conv3x3(
+    c_in: usize,
+    c_out: usize,
+    stride: usize,
+    bn: bool,
+    relu: bool,
+    vb: VarBuilder,
+) -> Result<FuncT<'static>> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    let bn = if bn {
+        Some(candle_nn::batch_norm(c_out, BN_EPS, vb.pp("bn"))?)
+    } else {
+        None
+    };
     let conv = candle_nn::conv2d(c_in, c_out, 3, cfg, vb)?;
     Ok(FuncT::new(move |xs, train| {
         let mut ys = xs.apply(&conv)?;
@@ -48,7 +63,13 @@ pub fn max_pool(xs: &Tensor, ceil: bool) -> Result<Tensor> {
 }
 
 /// VGG-style stack: per stage, 3x3 convs with ReLU then a 2x2 max-pool. Tensors at `vb.s{stage}.c{i}`.
-pub fn vgg_stack(c_in: usize, stages: &[Vec<usize>], pool_ceil: bool, bn: bool, vb: VarBuilder) -> Result<FuncT<'static>> {
+pub fn vgg_stack(
+    c_in: usize,
+    stages: &[Vec<usize>],
+    pool_ceil: bool,
+    bn: bool,
+    vb: VarBuilder,
+) -> Result<FuncT<'static>> {
     let mut convs = Vec::new();
     let mut c = c_in;
     for (s, widths) in stages.iter().enumerate() {
@@ -73,7 +94,12 @@ pub fn vgg_stack(c_in: usize, stages: &[Vec<usize>], pool_ceil: bool, bn: bool, 
 
 /// Fully connected head: flattened features -> hidden layers (ReLU, dropout 0.5 in training) ->
 /// logits. Tensors at `vb.fc{i}`.
-pub fn mlp_head(c_in: usize, hidden: &[usize], classes: usize, vb: VarBuilder) -> Result<FuncT<'static>> {
+pub fn mlp_head(
+    c_in: usize,
+    hidden: &[usize],
+    classes: usize,
+    vb: VarBuilder,
+) -> Result<FuncT<'static>> {
     let mut layers = Vec::new();
     let mut c = c_in;
     for (i, &h) in hidden.iter().chain(std::iter::once(&classes)).enumerate() {
@@ -102,12 +128,21 @@ enum Split {
     /// Fixed orthonormal Haar analysis as a 2x2/2 conv: first C outputs are LL, then 3C details.
     Haar(Tensor),
     /// The learned encoder: full-resolution convs, then two 3x3/2 convs for I_L and I_H.
-    Learned { convs: Vec<FuncT<'static>>, low: FuncT<'static>, high: FuncT<'static> },
+    Learned {
+        convs: Vec<FuncT<'static>>,
+        low: FuncT<'static>,
+        high: FuncT<'static>,
+    },
 }
 
 /// The Haar kernel: output channel `band * C + c` applies band `band` to input channel `c`.
 fn haar_kernel(c: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let bands: [[f32; 4]; 4] = [[1., 1., 1., 1.], [1., -1., 1., -1.], [1., 1., -1., -1.], [1., -1., -1., 1.]];
+    let bands: [[f32; 4]; 4] = [
+        [1., 1., 1., 1.],
+        [1., -1., 1., -1.],
+        [1., 1., -1., -1.],
+        [1., -1., -1., 1.],
+    ];
     let mut w = vec![0f32; 4 * c * c * 4];
     for (b, k) in bands.iter().enumerate() {
         for ch in 0..c {
@@ -150,7 +185,12 @@ pub struct StageTimes {
 impl StageTimes {
     /// The four stages in order, with their names.
     pub fn named(&self) -> [(&'static str, Duration); 4] {
-        [("encoder", self.encoder), ("backbone", self.backbone), ("branch", self.branch), ("heads", self.heads)]
+        [
+            ("encoder", self.encoder),
+            ("backbone", self.backbone),
+            ("branch", self.branch),
+            ("heads", self.heads),
+        ]
     }
 }
 
@@ -177,18 +217,44 @@ impl WaeNet {
         };
         let backbone = vgg_stack(c, &a.backbone, a.pool_ceil, a.batch_norm, vb.pp("backbone"))?;
         let (fh, fw) = config.feature_size();
-        let low_features = a.backbone.last().and_then(|s| s.last()).copied().unwrap_or(0) * fh * fw;
+        let low_features = a
+            .backbone
+            .last()
+            .and_then(|s| s.last())
+            .copied()
+            .unwrap_or(0)
+            * fh
+            * fw;
         let head_low = mlp_head(low_features, &a.head_low, config.classes, vb.pp("head_low"))?;
         let (branch, head_fuse) = if a.kind.has_branch() {
             let stages = config.branch_stages();
-            let branch = vgg_stack(config.high_channels(), &stages, a.pool_ceil, a.batch_norm, vb.pp("branch"))?;
-            let high_features = stages.last().and_then(|s| s.last()).copied().unwrap_or(0) * fh * fw;
-            let fuse = mlp_head(low_features + high_features, &a.head_fuse, config.classes, vb.pp("head_fuse"))?;
+            let branch = vgg_stack(
+                config.high_channels(),
+                &stages,
+                a.pool_ceil,
+                a.batch_norm,
+                vb.pp("branch"),
+            )?;
+            let high_features =
+                stages.last().and_then(|s| s.last()).copied().unwrap_or(0) * fh * fw;
+            let fuse = mlp_head(
+                low_features + high_features,
+                &a.head_fuse,
+                config.classes,
+                vb.pp("head_fuse"),
+            )?;
             (Some(branch), Some(fuse))
         } else {
             (None, None)
         };
-        Ok(WaeNet { config: config.clone(), split, backbone, branch, head_low, head_fuse })
+        Ok(WaeNet {
+            config: config.clone(),
+            split,
+            backbone,
+            branch,
+            head_low,
+            head_fuse,
+        })
     }
 
     /// The config this network was built from.
@@ -233,7 +299,9 @@ impl WaeNet {
     pub fn heads(&self, f_low: &Tensor, f_high: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let logits = f_low.apply_t(&self.head_low, train)?;
         match (&self.head_fuse, f_high) {
-            (Some(fuse), Some(fh)) => logits + Tensor::cat(&[f_low, fh], 1)?.apply_t(fuse, train)?,
+            (Some(fuse), Some(fh)) => {
+                logits + Tensor::cat(&[f_low, fh], 1)?.apply_t(fuse, train)?
+            }
             _ => Ok(logits),
         }
     }
@@ -291,8 +359,17 @@ impl Decoder {
     pub fn new(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let c = config.input.channels;
         let d = &config.arch.decoder;
-        let up_cfg = ConvTranspose2dConfig { stride: 2, ..Default::default() };
-        let up = candle_nn::conv_transpose2d(c + config.high_channels(), d.width, 2, up_cfg, vb.pp("up"))?;
+        let up_cfg = ConvTranspose2dConfig {
+            stride: 2,
+            ..Default::default()
+        };
+        let up = candle_nn::conv_transpose2d(
+            c + config.high_channels(),
+            d.width,
+            2,
+            up_cfg,
+            vb.pp("up"),
+        )?;
         let convs = (0..d.convs)
             .map(|i| conv3x3(d.width, d.width, 1, false, true, vb.pp(format!("conv{i}"))))
             .collect::<Result<Vec<_>>>()?;
@@ -337,17 +414,26 @@ mod tests {
 
     #[test]
     fn every_kind_builds_and_runs() {
-        for kind in [ArchKind::Plain, ArchKind::NaiveHalf, ArchKind::Haar, ArchKind::Wae] {
+        for kind in [
+            ArchKind::Plain,
+            ArchKind::NaiveHalf,
+            ArchKind::Haar,
+            ArchKind::Wae,
+        ] {
             let mut cfg = preset("wae-fashion").unwrap();
             cfg.arch.kind = kind;
             cfg.arch.batch_norm = true;
             let vm = VarMap::new();
-            let net = WaeNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+            let net =
+                WaeNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
             let x = Tensor::randn(0f32, 1., (2, 1, 28, 28), &Device::Cpu).unwrap();
             let (low, high) = net.split(&x, true).unwrap();
             let expect_side = if kind == ArchKind::Plain { 28 } else { 14 };
             assert_eq!(low.dims()[2], expect_side, "{kind:?}");
-            assert_eq!(high.map(|h| h.dims()[1]), kind.has_branch().then(|| cfg.high_channels()));
+            assert_eq!(
+                high.map(|h| h.dims()[1]),
+                kind.has_branch().then(|| cfg.high_channels())
+            );
             assert_eq!(net.forward_t(&x, true).unwrap().dims(), &[2, 10]);
         }
     }
@@ -357,19 +443,36 @@ mod tests {
         let mut cfg = preset("wae-fashion").unwrap();
         cfg.arch.kind = ArchKind::Haar;
         let vm = VarMap::new();
-        let net = WaeNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let net =
+            WaeNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         // One 2x2 block [[1, 2], [3, 4]]: LL = 5, LH = -1, HL = -2, HH = 0.
         let x = Tensor::new(&[[[[1f32, 2.], [3., 4.]]]], &Device::Cpu).unwrap();
         let (low, high) = net.split(&x, false).unwrap();
-        assert_eq!(low.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![5.0]);
-        assert_eq!(high.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![-1.0, -2.0, 0.0]);
+        assert_eq!(
+            low.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![5.0]
+        );
+        assert_eq!(
+            high.unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![-1.0, -2.0, 0.0]
+        );
     }
 
     #[test]
     fn ceil_pool_keeps_the_odd_edge() {
-        let x = Tensor::arange(0f32, 9., &Device::Cpu).unwrap().reshape((1, 1, 3, 3)).unwrap();
+        let x = Tensor::arange(0f32, 9., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 3, 3))
+            .unwrap();
         let y = max_pool(&x, true).unwrap();
-        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![4., 5., 7., 8.]);
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![4., 5., 7., 8.]
+        );
         assert_eq!(max_pool(&x, false).unwrap().dims(), &[1, 1, 1, 1]);
     }
 

@@ -107,7 +107,11 @@ struct RunState {
 /// The stages a kind trains, with their epoch budgets.
 pub fn plan(o: &TrainOptions) -> Vec<(Stage, usize)> {
     if o.config.arch.kind == ArchKind::Wae {
-        vec![(Stage::AutoEncoder, o.ae_epochs), (Stage::Classifier, o.cls_epochs), (Stage::Joint, o.joint_epochs)]
+        vec![
+            (Stage::AutoEncoder, o.ae_epochs),
+            (Stage::Classifier, o.cls_epochs),
+            (Stage::Joint, o.joint_epochs),
+        ]
     } else {
         vec![(Stage::Classifier, o.cls_epochs)]
     }
@@ -142,7 +146,13 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 
 /// Normalised batch and labels; with `rng`, each image is flipped (p = 0.5) and shifted by up
 /// to 2 px (zero fill).
-pub fn make_batch(pre: &Preprocessor, ds: &Dataset, idx: &[usize], rng: Option<&mut StdRng>, dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+pub fn make_batch(
+    pre: &Preprocessor,
+    ds: &Dataset,
+    idx: &[usize],
+    rng: Option<&mut StdRng>,
+    dev: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let (c, h, w) = (ds.channels, ds.height, ds.width);
     let mut data = Vec::with_capacity(idx.len() * c * h * w);
     let mut aug_rng = rng;
@@ -173,7 +183,11 @@ pub fn make_batch(pre: &Preprocessor, ds: &Dataset, idx: &[usize], rng: Option<&
         }
     }
     let x = Tensor::from_vec(data, (idx.len(), c, h, w), dev)?;
-    let y = Tensor::from_vec(idx.iter().map(|&i| ds.labels[i] as u32).collect::<Vec<_>>(), idx.len(), dev)?;
+    let y = Tensor::from_vec(
+        idx.iter().map(|&i| ds.labels[i] as u32).collect::<Vec<_>>(),
+        idx.len(),
+        dev,
+    )?;
     Ok((x, y))
 }
 
@@ -204,13 +218,23 @@ struct Nets {
 
 impl Nets {
     /// Loss, correct count and the split's by-products for one batch.
-    fn step_loss(&self, stage: Stage, x: &Tensor, y: &Tensor, o: &TrainOptions) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    fn step_loss(
+        &self,
+        stage: Stage,
+        x: &Tensor,
+        y: &Tensor,
+        o: &TrainOptions,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let net = &self.net;
         match stage {
             Stage::AutoEncoder => {
                 let (low, high) = net.split(x, true)?;
                 let high = high.expect("WAE has I_H");
-                let rebuilt = self.decoder.as_ref().expect("WAE has a decoder").forward(&low, &high)?;
+                let rebuilt = self
+                    .decoder
+                    .as_ref()
+                    .expect("WAE has a decoder")
+                    .forward(&low, &high)?;
                 Ok((losses::wae(x, &rebuilt, &high, o.lambda)?, None))
             }
             Stage::Classifier => {
@@ -229,7 +253,11 @@ impl Nets {
             Stage::Joint => {
                 let (low, high) = net.split(x, true)?;
                 let high = high.expect("WAE has I_H");
-                let rebuilt = self.decoder.as_ref().expect("WAE has a decoder").forward(&low, &high)?;
+                let rebuilt = self
+                    .decoder
+                    .as_ref()
+                    .expect("WAE has a decoder")
+                    .forward(&low, &high)?;
                 let f_low = net.backbone(&low, true)?;
                 let f_high = net.branch(Some(&high), true)?;
                 let logits = net.heads(&f_low, f_high.as_ref(), true)?;
@@ -241,14 +269,20 @@ impl Nets {
     }
 
     /// Validation accuracy, reconstruction loss and I_H energy.
-    fn validate(&self, pre: &Preprocessor, ds: &Dataset, dev: &Device) -> candle_core::Result<(f64, f64, f64)> {
+    fn validate(
+        &self,
+        pre: &Preprocessor,
+        ds: &Dataset,
+        dev: &Device,
+    ) -> candle_core::Result<(f64, f64, f64)> {
         let (mut correct, mut rec, mut energy, mut batches) = (0usize, 0f64, 0f64, 0usize);
         let idx: Vec<usize> = (0..ds.len()).collect();
         for chunk in idx.chunks(500) {
             let (x, y) = make_batch(pre, ds, chunk, None, dev)?;
             let (low, high) = self.net.split(&x, false)?;
             if let (Some(dec), Some(h)) = (&self.decoder, &high) {
-                rec += losses::reconstruction(&x, &dec.forward(&low, h)?)?.to_scalar::<f32>()? as f64;
+                rec +=
+                    losses::reconstruction(&x, &dec.forward(&low, h)?)?.to_scalar::<f32>()? as f64;
             }
             if let Some(h) = &high {
                 energy += losses::energy(h)?.to_scalar::<f32>()? as f64;
@@ -256,7 +290,12 @@ impl Nets {
             let f_low = self.net.backbone(&low, false)?;
             let f_high = self.net.branch(high.as_ref(), false)?;
             let logits = self.net.heads(&f_low, f_high.as_ref(), false)?;
-            correct += logits.argmax(D::Minus1)?.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+            correct += logits
+                .argmax(D::Minus1)?
+                .eq(&y)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()? as usize;
             batches += 1;
         }
         let n = batches.max(1) as f64;
@@ -270,16 +309,28 @@ impl Nets {
 }
 
 /// Folds every `P.bn.*` batch norm into the conv at `P` (eval-mode statistics) and drops it.
-pub fn fold_batch_norm(tensors: &HashMap<String, Tensor>) -> candle_core::Result<HashMap<String, Tensor>> {
+pub fn fold_batch_norm(
+    tensors: &HashMap<String, Tensor>,
+) -> candle_core::Result<HashMap<String, Tensor>> {
     let mut out = tensors.clone();
-    let prefixes: Vec<String> =
-        tensors.keys().filter_map(|k| k.strip_suffix(".bn.running_mean")).map(str::to_string).collect();
+    let prefixes: Vec<String> = tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(".bn.running_mean"))
+        .map(str::to_string)
+        .collect();
     for p in prefixes {
         let get = |s: &str| {
-            out.get(&format!("{p}.{s}")).cloned().ok_or_else(|| candle_core::Error::Msg(format!("fold: {p}.{s} missing")))
+            out.get(&format!("{p}.{s}"))
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg(format!("fold: {p}.{s} missing")))
         };
         let (w, b) = (get("weight")?, get("bias")?);
-        let (g, beta, mean, var) = (get("bn.weight")?, get("bn.bias")?, get("bn.running_mean")?, get("bn.running_var")?);
+        let (g, beta, mean, var) = (
+            get("bn.weight")?,
+            get("bn.bias")?,
+            get("bn.running_mean")?,
+            get("bn.running_var")?,
+        );
         let scale = (g / (var + BN_EPS)?.sqrt()?)?;
         let w2 = w.broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
         let b2 = ((b - mean)? * &scale)?.add(&beta)?;
@@ -303,21 +354,34 @@ pub struct TrainReport {
 }
 
 /// Trains (or resumes) a run in `dir` on `train`; returns the exportable model.
-pub fn train(options: &TrainOptions, train_set: &Dataset, dir: &Path, resume: bool) -> Result<TrainReport> {
+pub fn train(
+    options: &TrainOptions,
+    train_set: &Dataset,
+    dir: &Path,
+    resume: bool,
+) -> Result<TrainReport> {
     let run = RunDir(dir.to_path_buf());
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dev = Device::Cpu;
     let mut state = if resume && run.state().exists() {
-        let s: RunState = serde_json::from_str(&std::fs::read_to_string(run.state())?).context("reading run state")?;
+        let s: RunState = serde_json::from_str(&std::fs::read_to_string(run.state())?)
+            .context("reading run state")?;
         if s.options != *options {
             bail!("{}: the run was started with other options; resume with the same flags or use a new --out", run.state().display());
         }
         s
     } else {
         if run.state().exists() && !resume {
-            bail!("{} holds a run already; pass --resume to continue it or choose another --out", dir.display());
+            bail!(
+                "{} holds a run already; pass --resume to continue it or choose another --out",
+                dir.display()
+            );
         }
-        RunState { options: options.clone(), done: vec![], metrics: vec![] }
+        RunState {
+            options: options.clone(),
+            done: vec![],
+            metrics: vec![],
+        }
     };
     let mut cfg = options.config.clone();
     cfg.arch.batch_norm = true;
@@ -330,13 +394,18 @@ pub fn train(options: &TrainOptions, train_set: &Dataset, dir: &Path, resume: bo
     }
     let mut vm = init.into_varmap(&dev)?;
     if !state.done.is_empty() {
-        vm.load(run.checkpoint()).with_context(|| format!("loading {}", run.checkpoint().display()))?;
+        vm.load(run.checkpoint())
+            .with_context(|| format!("loading {}", run.checkpoint().display()))?;
         eprintln!("resuming {} after {:?}", dir.display(), state.done.last());
     }
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
     let nets = Nets {
         net: WaeNet::new(&cfg, vb.clone())?,
-        decoder: if cfg.arch.kind == ArchKind::Wae { Some(Decoder::new(&cfg, vb.pp("decoder"))?) } else { None },
+        decoder: if cfg.arch.kind == ArchKind::Wae {
+            Some(Decoder::new(&cfg, vb.pp("decoder"))?)
+        } else {
+            None
+        },
     };
     let pre = Preprocessor::new(&cfg);
     // Validation split carved from the training set; the test set is never looked at here.
@@ -349,21 +418,31 @@ pub fn train(options: &TrainOptions, train_set: &Dataset, dir: &Path, resume: bo
     }
     let steps_per_epoch = train_idx.len().div_ceil(options.batch);
     for (stage_no, (stage, epochs)) in plan(options).into_iter().enumerate() {
-        let done = state.done.iter().find(|(s, _)| *s == stage).map_or(0, |d| d.1);
+        let done = state
+            .done
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .map_or(0, |d| d.1);
         if done >= epochs {
             continue;
         }
         let vars = stage_vars(&vm, stage, cfg.arch.kind);
-        let params = ParamsAdamW { lr: options.lr, weight_decay: options.weight_decay, ..Default::default() };
+        let params = ParamsAdamW {
+            lr: options.lr,
+            weight_decay: options.weight_decay,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(vars, params)?;
         let total_steps = (epochs * steps_per_epoch).max(1);
         for epoch in done..epochs {
             let t0 = Instant::now();
-            let mut rng = StdRng::seed_from_u64(options.seed ^ ((stage_no as u64) << 32) ^ epoch as u64);
+            let mut rng =
+                StdRng::seed_from_u64(options.seed ^ ((stage_no as u64) << 32) ^ epoch as u64);
             train_idx.shuffle(&mut rng);
             let bar = ProgressBar::new(steps_per_epoch as u64);
             bar.set_style(
-                ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {elapsed}<{eta} {msg}").expect("static template"),
+                ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {elapsed}<{eta} {msg}")
+                    .expect("static template"),
             );
             bar.set_prefix(format!("{stage:?} {}/{epochs}", epoch + 1));
             let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
@@ -372,24 +451,46 @@ pub fn train(options: &TrainOptions, train_set: &Dataset, dir: &Path, resume: bo
                 let t = (epoch * steps_per_epoch + step) as f64 / total_steps as f64;
                 lr = options.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
                 opt.set_learning_rate(lr);
-                let (x, y) = make_batch(&pre, train_set, chunk, options.augment.then_some(&mut rng), &dev)?;
+                let (x, y) = make_batch(
+                    &pre,
+                    train_set,
+                    chunk,
+                    options.augment.then_some(&mut rng),
+                    &dev,
+                )?;
                 let (loss, logits) = nets.step_loss(stage, &x, &y, options)?;
                 opt.backward_step(&loss)?;
                 let l = loss.to_scalar::<f32>()? as f64;
                 if !l.is_finite() {
-                    bail!("{stage:?} epoch {}: the loss became {l}; lower --lr", epoch + 1);
+                    bail!(
+                        "{stage:?} epoch {}: the loss became {l}; lower --lr",
+                        epoch + 1
+                    );
                 }
                 loss_sum += l * chunk.len() as f64;
                 seen += chunk.len();
                 if let Some(logits) = logits {
-                    correct += logits.argmax(D::Minus1)?.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+                    correct += logits
+                        .argmax(D::Minus1)?
+                        .eq(&y)?
+                        .to_dtype(DType::F32)?
+                        .sum_all()?
+                        .to_scalar::<f32>()? as usize;
                 }
                 bar.inc(1);
                 if step % 10 == 0 {
-                    let msg = format!("loss {:.4} acc {:.3}", loss_sum / seen as f64, correct as f64 / seen as f64);
+                    let msg = format!(
+                        "loss {:.4} acc {:.3}",
+                        loss_sum / seen as f64,
+                        correct as f64 / seen as f64
+                    );
                     // indicatif draws nothing off a terminal; logs still get a line now and then.
                     if bar.is_hidden() && step % 100 == 0 {
-                        eprintln!("{stage:?} {}/{epochs} step {step}/{steps_per_epoch} {msg} ({:.0} s)", epoch + 1, t0.elapsed().as_secs_f64());
+                        eprintln!(
+                            "{stage:?} {}/{epochs} step {step}/{steps_per_epoch} {msg} ({:.0} s)",
+                            epoch + 1,
+                            t0.elapsed().as_secs_f64()
+                        );
                     }
                     bar.set_message(msg);
                 }
@@ -401,7 +502,11 @@ pub fn train(options: &TrainOptions, train_set: &Dataset, dir: &Path, resume: bo
                 stage,
                 epoch: epoch + 1,
                 train_loss: loss_sum / seen.max(1) as f64,
-                train_acc: if has_cls { correct as f64 / seen.max(1) as f64 } else { f64::NAN },
+                train_acc: if has_cls {
+                    correct as f64 / seen.max(1) as f64
+                } else {
+                    f64::NAN
+                },
                 val_acc: if has_cls { val_acc } else { f64::NAN },
                 val_rec,
                 val_energy,
@@ -418,24 +523,45 @@ pub fn train(options: &TrainOptions, train_set: &Dataset, dir: &Path, resume: bo
             checkpoint(&run, &vm, &state)?;
         }
     }
-    let tensors: HashMap<String, Tensor> =
-        vm.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let tensors: HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
     let mut config = options.config.clone();
     config.arch.batch_norm = false;
     config.untrained = false;
-    Ok(TrainReport { config, tensors: fold_batch_norm(&tensors)?, metrics: state.metrics })
+    Ok(TrainReport {
+        config,
+        tensors: fold_batch_norm(&tensors)?,
+        metrics: state.metrics,
+    })
 }
 
 /// Writes the checkpoint, state, metrics CSV and curve, each atomically.
 fn checkpoint(run: &RunDir, vm: &VarMap, state: &RunState) -> Result<()> {
-    let tensors: HashMap<String, Tensor> =
-        vm.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let tensors: HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
     let bytes = safetensors_f32(&tensors)?;
     crate::atomic::write(&run.checkpoint(), &bytes)?;
-    crate::atomic::write(&run.state(), serde_json::to_string_pretty(state)?.as_bytes())?;
-    let mut csv = String::from("stage,epoch,train_loss,train_acc,val_acc,val_rec,val_energy,lr,seconds\n");
+    crate::atomic::write(
+        &run.state(),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    let mut csv =
+        String::from("stage,epoch,train_loss,train_acc,val_acc,val_rec,val_energy,lr,seconds\n");
     for m in &state.metrics {
-        let stage = serde_json::to_value(m.stage)?.as_str().unwrap_or_default().to_string();
+        let stage = serde_json::to_value(m.stage)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         csv += &format!(
             "{stage},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.3e},{:.1}\n",
             m.epoch, m.train_loss, m.train_acc, m.val_acc, m.val_rec, m.val_energy, m.lr, m.seconds
@@ -451,7 +577,10 @@ fn checkpoint(run: &RunDir, vm: &VarMap, state: &RunState) -> Result<()> {
 fn safetensors_f32(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
-    let views: Vec<(String, Tensor)> = names.into_iter().map(|n| (n.clone(), tensors[n].clone())).collect();
+    let views: Vec<(String, Tensor)> = names
+        .into_iter()
+        .map(|n| (n.clone(), tensors[n].clone()))
+        .collect();
     let tmp = tempfile::NamedTempFile::new()?;
     candle_core::safetensors::save(&views.into_iter().collect::<HashMap<_, _>>(), tmp.path())?;
     Ok(std::fs::read(tmp.path())?)
@@ -470,18 +599,53 @@ mod tests {
         let conv = crate::model::conv3x3(2, 3, 1, true, false, vb.pp("c")).unwrap();
         // Non-trivial statistics and affine parameters.
         let mut t = init.tensors();
-        t.insert("c.bn.running_mean".into(), Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap());
-        t.insert("c.bn.running_var".into(), Tensor::new(&[4.0f32, 0.25, 1.0], &Device::Cpu).unwrap());
-        t.insert("c.bn.weight".into(), Tensor::new(&[1.5f32, -0.5, 1.0], &Device::Cpu).unwrap());
-        t.insert("c.bn.bias".into(), Tensor::new(&[0.1f32, 0.2, -0.3], &Device::Cpu).unwrap());
-        let with_bn = crate::model::conv3x3(2, 3, 1, true, false, VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu).pp("c")).unwrap();
+        t.insert(
+            "c.bn.running_mean".into(),
+            Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap(),
+        );
+        t.insert(
+            "c.bn.running_var".into(),
+            Tensor::new(&[4.0f32, 0.25, 1.0], &Device::Cpu).unwrap(),
+        );
+        t.insert(
+            "c.bn.weight".into(),
+            Tensor::new(&[1.5f32, -0.5, 1.0], &Device::Cpu).unwrap(),
+        );
+        t.insert(
+            "c.bn.bias".into(),
+            Tensor::new(&[0.1f32, 0.2, -0.3], &Device::Cpu).unwrap(),
+        );
+        let with_bn = crate::model::conv3x3(
+            2,
+            3,
+            1,
+            true,
+            false,
+            VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu).pp("c"),
+        )
+        .unwrap();
         let folded = fold_batch_norm(&t).unwrap();
         assert!(!folded.keys().any(|k| k.contains(".bn.")));
-        let plain = crate::model::conv3x3(2, 3, 1, false, false, VarBuilder::from_tensors(folded, DType::F32, &Device::Cpu).pp("c")).unwrap();
+        let plain = crate::model::conv3x3(
+            2,
+            3,
+            1,
+            false,
+            false,
+            VarBuilder::from_tensors(folded, DType::F32, &Device::Cpu).pp("c"),
+        )
+        .unwrap();
         let x = Tensor::randn(0f32, 1., (2, 2, 5, 5), &Device::Cpu).unwrap();
         let a = with_bn.forward_t(&x, false).unwrap();
         let b = plain.forward_t(&x, false).unwrap();
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-4, "{diff}");
         drop(conv);
     }

@@ -43,13 +43,27 @@ impl safetensors::View for &Raw {
 
 /// The tensors of a seeded random model of `preset_name`, as f16 raw parts, and its config.
 pub fn raw_model(preset_name: &str) -> (ModelConfig, Vec<(String, Raw)>) {
-    let (config, tensors) = wae_edge::weights::random_model(&preset(preset_name).unwrap(), 42).unwrap();
+    let (config, tensors) =
+        wae_edge::weights::random_model(&preset(preset_name).unwrap(), 42).unwrap();
     let mut raws: Vec<(String, Raw)> = tensors
         .into_iter()
         .map(|(n, t)| {
-            let v = t.to_dtype(candle_core::DType::F16).unwrap().flatten_all().unwrap().to_vec1::<half::f16>().unwrap();
+            let v = t
+                .to_dtype(candle_core::DType::F16)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<half::f16>()
+                .unwrap();
             let data = v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
-            (n, Raw { dtype: Dtype::F16, shape: t.dims().to_vec(), data })
+            (
+                n,
+                Raw {
+                    dtype: Dtype::F16,
+                    shape: t.dims().to_vec(),
+                    data,
+                },
+            )
         })
         .collect();
     raws.sort_by(|a, b| a.0.cmp(&b.0));
@@ -64,7 +78,11 @@ pub fn write_raw(path: &Path, tensors: &[(String, Raw)], meta: Option<HashMap<St
 
 /// Writes a model with `config` in its metadata.
 pub fn write_model(path: &Path, config: &ModelConfig, tensors: &[(String, Raw)]) {
-    write_raw(path, tensors, Some(HashMap::from([(CONFIG_KEY.to_string(), config.to_json())])));
+    write_raw(
+        path,
+        tensors,
+        Some(HashMap::from([(CONFIG_KEY.to_string(), config.to_json())])),
+    );
 }
 
 /// A good seeded wae-fashion model file in `dir`.
@@ -77,7 +95,13 @@ pub fn fashion_model(dir: &Path) -> PathBuf {
 
 /// A 28x28 grayscale PNG with a bright rectangle.
 pub fn sample_png(dir: &Path, name: &str) -> PathBuf {
-    let img = image::GrayImage::from_fn(28, 28, |x, y| image::Luma([if (6..22).contains(&x) && (4..24).contains(&y) { 200 } else { 0 }]));
+    let img = image::GrayImage::from_fn(28, 28, |x, y| {
+        image::Luma([if (6..22).contains(&x) && (4..24).contains(&y) {
+            200
+        } else {
+            0
+        }])
+    });
     let p = dir.join(name);
     img.save(&p).unwrap();
     p
@@ -86,10 +110,21 @@ pub fn sample_png(dir: &Path, name: &str) -> PathBuf {
 /// Asserts a failed run: non-zero exit, exactly one `error:` line naming `needle`, no panic.
 pub fn assert_clean_failure(out: &std::process::Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "want exactly one error line, got: {stderr}");
-    assert!(errors[0].contains(needle), "error line lacks `{needle}`: {}", errors[0]);
+    assert_eq!(
+        errors.len(),
+        1,
+        "want exactly one error line, got: {stderr}"
+    );
+    assert!(
+        errors[0].contains(needle),
+        "error line lacks `{needle}`: {}",
+        errors[0]
+    );
     assert!(!stderr.contains("   0: "), "backtrace leaked: {stderr}");
 }
