@@ -3,6 +3,7 @@
 
 mod classify;
 mod inspect;
+mod stream;
 #[cfg(feature = "train")]
 mod train;
 
@@ -66,6 +67,8 @@ impl Placement {
 enum Command {
     /// Classify image files, directories or globs with a model.
     Classify(classify::Args),
+    /// Classify a camera, files or a synthetic source in real time, with fps and per-stage latency.
+    Stream(stream::Args),
     /// Write a randomly initialised fp16 model from a preset (marked untrained).
     New {
         /// Preset name.
@@ -120,6 +123,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Classify(args) => classify::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Stream(args) => stream::run(args),
         #[cfg(feature = "train")]
         Command::Train(args) => train::run_train(args),
         #[cfg(feature = "train")]

@@ -1,0 +1,225 @@
+//! `wae-edge stream`: frames from a camera, files or a synthetic source through the pipeline,
+//! with a live status line, JSON Lines per frame, annotated snapshots and a summary at the end.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use wae_edge::pipeline::{run_stream, StreamOptions, StreamSummary, STAGES};
+use wae_edge::profiles::{PixelFormat, Profile};
+use wae_edge::sources::{open_source, SourceOptions};
+use wae_edge::Classifier;
+
+use super::{model_path, Placement};
+
+/// Arguments of `stream`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model file (default: the shipped model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Stop after N classified frames.
+    #[arg(long)]
+    frames: Option<u64>,
+    /// Stop after S seconds.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// One JSON object per frame, then a summary line.
+    #[arg(long)]
+    json: bool,
+    /// Write annotated frames (label and score drawn) into DIR.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// With --save: every Nth frame.
+    #[arg(long, default_value_t = 100)]
+    save_every: u64,
+    /// Classes per frame.
+    #[arg(long, default_value_t = 1)]
+    top_k: usize,
+    /// Seconds without a frame before the stream fails as stalled.
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+    /// Reopen a lost or stalled source with back-off instead of failing.
+    #[arg(long)]
+    reconnect: bool,
+    /// Restart file sources at their end.
+    #[arg(long = "loop")]
+    looped: bool,
+    /// Decode MJPEG at full size even when the model input is small (to measure DCT scaling).
+    #[arg(long)]
+    full_decode: bool,
+    /// Camera width (default: the profile's, else 640).
+    #[arg(long)]
+    width: Option<u32>,
+    /// Camera height (default: the profile's, else 480).
+    #[arg(long)]
+    height: Option<u32>,
+    /// Camera pixel format: mjpeg, yuyv or any.
+    #[arg(long, value_parser = ["mjpeg", "yuyv", "any"])]
+    pixel_format: Option<String>,
+    /// Camera frame rate.
+    #[arg(long)]
+    fps: Option<u32>,
+    #[command(flatten)]
+    placement: Placement,
+    /// /dev/videoN, v4l2:///dev/videoN, camera:N, a file, directory or glob, synthetic:WxH[@FPS][+N].
+    source: String,
+}
+
+fn summary_json(s: &StreamSummary) -> serde_json::Value {
+    let stages: serde_json::Map<String, serde_json::Value> = s
+        .stages
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!({"p50_ms": v.p50_ms, "p90_ms": v.p90_ms, "p99_ms": v.p99_ms, "mean_ms": v.mean_ms, "max_ms": v.max_ms})))
+        .collect();
+    json!({"summary": {"frames": s.frames, "fps": s.fps, "dropped": s.dropped, "reconnects": s.reconnects, "stages": stages}})
+}
+
+fn print_table(s: &StreamSummary) {
+    println!(
+        "{} frames, {:.1} fps, {} dropped, {} reconnects",
+        s.frames, s.fps, s.dropped, s.reconnects
+    );
+    println!(
+        "  {:<13} {:>9} {:>9} {:>9} {:>9}",
+        "stage", "p50 ms", "p90 ms", "p99 ms", "max ms"
+    );
+    for name in STAGES {
+        let v = &s.stages[name];
+        println!(
+            "  {name:<13} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+            v.p50_ms, v.p90_ms, v.p99_ms, v.max_ms
+        );
+    }
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    let profile = a
+        .placement
+        .profile
+        .as_deref()
+        .map(Profile::resolve)
+        .transpose()?;
+    let device = a.placement.open()?;
+    let model = model_path(a.model.clone());
+    let clf = Classifier::load(&model, &device)?;
+    if clf.config().untrained {
+        eprintln!(
+            "WARNING: {} is UNTRAINED (random weights): its labels are meaningless",
+            model.display()
+        );
+    }
+    let mut camera = profile
+        .map(|p| p.camera)
+        .unwrap_or_else(|| SourceOptions::default().camera);
+    camera.width = a.width.unwrap_or(camera.width);
+    camera.height = a.height.unwrap_or(camera.height);
+    camera.fps = a.fps.unwrap_or(camera.fps);
+    if let Some(f) = &a.pixel_format {
+        camera.format = match f.as_str() {
+            "mjpeg" => PixelFormat::Mjpeg,
+            "yuyv" => PixelFormat::Yuyv,
+            _ => PixelFormat::Any,
+        };
+    }
+    let src_opts = SourceOptions {
+        camera,
+        looped: a.looped,
+    };
+    if let Some(dir) = &a.save {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // Ctrl-C ends the stream cleanly; the summary is still printed.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed));
+    }
+    let opts = StreamOptions {
+        frames: a.frames,
+        seconds: a.seconds,
+        timeout: Duration::from_secs_f64(a.timeout.max(0.01)),
+        top_k: a.top_k.clamp(1, clf.config().classes),
+        reconnect: a.reconnect,
+        scaled_decode: !a.full_decode,
+    };
+    let live = !a.json && std::io::stderr().is_terminal();
+    let mut last_status = Instant::now();
+    let mut save_error: Option<anyhow::Error> = None;
+    let uri = a.source.clone();
+    let mut described = false;
+    let mut classified = 0u64;
+    let summary = run_stream(
+        || {
+            let s = open_source(&uri, &src_opts)?;
+            if !described {
+                eprintln!("source: {}", s.describe());
+                described = true;
+            }
+            Ok(s)
+        },
+        &clf,
+        &opts,
+        &stop,
+        |r, fps, img| {
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(r).expect("plain data serialises")
+                );
+            } else if live && last_status.elapsed() > Duration::from_millis(100) {
+                last_status = Instant::now();
+                let best = &r.top[0];
+                eprint!(
+                    "\r{fps:8.1} fps | frame {:>7} | {:>6.2}% {:<14}",
+                    r.frame,
+                    best.score * 100.0,
+                    best.label
+                );
+            }
+            classified += 1;
+            if let Some(dir) = &a.save {
+                if (classified - 1) % a.save_every.max(1) == 0 && save_error.is_none() {
+                    let mut rgb = img.to_rgb8();
+                    let best = &r.top[0];
+                    let scale = (rgb.height() / 120).max(1);
+                    wae_edge::overlay::annotate(
+                        &mut rgb,
+                        &format!("{:.1}% {}", best.score * 100.0, best.label),
+                        scale,
+                    );
+                    let path = dir.join(format!("frame_{:06}.png", r.frame));
+                    let mut png = Vec::new();
+                    let res = rgb
+                        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|_| Ok(wae_edge::atomic::write(&path, &png)?))
+                        .with_context(|| format!("writing {}", path.display()));
+                    if let Err(e) = res {
+                        stop.store(true, Ordering::Relaxed);
+                        save_error = Some(e);
+                    }
+                }
+            }
+        },
+    );
+    if live {
+        eprintln!();
+    }
+    let summary = summary?;
+    if let Some(e) = save_error {
+        return Err(e);
+    }
+    if a.json {
+        println!("{}", summary_json(&summary));
+    } else {
+        print_table(&summary);
+    }
+    Ok(ExitCode::SUCCESS)
+}
