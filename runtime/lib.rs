@@ -5,6 +5,7 @@
 //! say where it runs.
 
 pub mod atomic;
+pub mod bench;
 pub mod classifier;
 pub mod config;
 pub mod dataset;

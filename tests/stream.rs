@@ -16,12 +16,29 @@ use wae_edge::sources::{Frame, FrameSource, SourceError};
 fn synthetic_json_ends_with_a_summary() {
     let d = tempfile::tempdir().unwrap();
     let model = fashion_model(d.path());
-    let out = bin().args(["stream", "--json", "--frames", "60", "--top-k", "2", "--model"]).arg(&model).arg("synthetic:320x240").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out = bin()
+        .args([
+            "stream", "--json", "--frames", "60", "--top-k", "2", "--model",
+        ])
+        .arg(&model)
+        .arg("synthetic:320x240")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 61);
     for (i, l) in lines[..60].iter().enumerate() {
-        assert_eq!(l["frame"], i as u64, "unpaced synthetic frames are all classified, in order");
+        assert_eq!(
+            l["frame"], i as u64,
+            "unpaced synthetic frames are all classified, in order"
+        );
         assert_eq!(l["top"].as_array().unwrap().len(), 2);
         for s in STAGES {
             assert!(l["ms"][s].as_f64().unwrap() >= 0.0, "{s}");
@@ -34,7 +51,11 @@ fn synthetic_json_ends_with_a_summary() {
     assert!(s["fps"].as_f64().unwrap() > 0.0);
     for stage in STAGES {
         let st = &s["stages"][stage];
-        let (p50, p90, p99) = (st["p50_ms"].as_f64().unwrap(), st["p90_ms"].as_f64().unwrap(), st["p99_ms"].as_f64().unwrap());
+        let (p50, p90, p99) = (
+            st["p50_ms"].as_f64().unwrap(),
+            st["p90_ms"].as_f64().unwrap(),
+            st["p99_ms"].as_f64().unwrap(),
+        );
         assert!(p50 <= p90 && p90 <= p99, "{stage}: {p50} {p90} {p99}");
     }
 }
@@ -43,8 +64,17 @@ fn synthetic_json_ends_with_a_summary() {
 fn camera_without_a_camera_is_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
     let model = fashion_model(d.path());
-    let out = bin().args(["stream", "--frames", "1", "--model"]).arg(&model).arg("camera:0").output().unwrap();
-    let needle = if cfg!(feature = "camera") { "camera /dev/video0" } else { "--features camera" };
+    let out = bin()
+        .args(["stream", "--frames", "1", "--model"])
+        .arg(&model)
+        .arg("camera:0")
+        .output()
+        .unwrap();
+    let needle = if cfg!(feature = "camera") {
+        "camera /dev/video0"
+    } else {
+        "--features camera"
+    };
     assert_clean_failure(&out, needle);
 }
 
@@ -55,9 +85,19 @@ fn a_stalled_source_times_out_instead_of_hanging() {
     let model = fashion_model(d.path());
     // A FIFO nobody writes to: reading it blocks forever, like a camera that stopped.
     let fifo = d.path().join("stalled.png");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let t = Instant::now();
-    let out = bin().args(["stream", "--timeout", "0.5", "--model"]).arg(&model).arg(&fifo).timeout(Duration::from_secs(30)).output().unwrap();
+    let out = bin()
+        .args(["stream", "--timeout", "0.5", "--model"])
+        .arg(&model)
+        .arg(&fifo)
+        .timeout(Duration::from_secs(30))
+        .output()
+        .unwrap();
     assert_clean_failure(&out, "source stalled: no frame for 0.5 s");
     assert!(t.elapsed() < Duration::from_secs(20));
 }
@@ -76,10 +116,22 @@ fn ctrl_c_ends_cleanly_with_a_summary() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
     let v: Value = serde_json::from_str(&last).unwrap();
     assert!(v["summary"]["frames"].as_u64().unwrap() > 0);
 }
@@ -93,7 +145,12 @@ impl FrameSource for StallsAfter {
         }
         self.0 += 1;
         let img = image::RgbImage::from_pixel(28, 28, image::Rgb([9, 9, 9]));
-        Ok(Some(Frame { index: self.0 - 1, captured: Instant::now(), data: wae_edge::decode::FrameData::Rgb(img), name: "stall".into() }))
+        Ok(Some(Frame {
+            index: self.0 - 1,
+            captured: Instant::now(),
+            data: wae_edge::decode::FrameData::Rgb(img),
+            name: "stall".into(),
+        }))
     }
     fn describe(&self) -> String {
         "stalls".into()
@@ -104,15 +161,30 @@ impl FrameSource for StallsAfter {
 }
 
 fn options(reconnect: bool) -> StreamOptions {
-    StreamOptions { frames: Some(6), seconds: Some(20.0), timeout: Duration::from_millis(300), top_k: 1, reconnect, scaled_decode: true }
+    StreamOptions {
+        frames: Some(6),
+        seconds: Some(20.0),
+        timeout: Duration::from_millis(300),
+        top_k: 1,
+        reconnect,
+        scaled_decode: true,
+    }
 }
 
 #[test]
 fn stalls_fail_or_reconnect() {
     let d = tempfile::tempdir().unwrap();
-    let clf = wae_edge::Classifier::load(fashion_model(d.path()), &candle_core::Device::Cpu).unwrap();
+    let clf =
+        wae_edge::Classifier::load(fashion_model(d.path()), &candle_core::Device::Cpu).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let err = run_stream(|| Ok(Box::new(StallsAfter(0, 3))), &clf, &options(false), &stop, |_, _, _| ()).unwrap_err();
+    let err = run_stream(
+        || Ok(Box::new(StallsAfter(0, 3))),
+        &clf,
+        &options(false),
+        &stop,
+        |_, _, _| (),
+    )
+    .unwrap_err();
     assert!(matches!(err, StreamError::Stalled(_)), "{err}");
     // With reconnect, a new source is opened after each stall until the frame budget is met.
     let mut opened = 0;
@@ -137,15 +209,26 @@ fn source_errors_propagate() {
     struct Unplugged;
     impl FrameSource for Unplugged {
         fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
-            Err(SourceError::Camera { device: "/dev/video0".into(), reason: "capture failed (unplugged?)".into() })
+            Err(SourceError::Camera {
+                device: "/dev/video0".into(),
+                reason: "capture failed (unplugged?)".into(),
+            })
         }
         fn describe(&self) -> String {
             "unplugged".into()
         }
     }
     let d = tempfile::tempdir().unwrap();
-    let clf = wae_edge::Classifier::load(fashion_model(d.path()), &candle_core::Device::Cpu).unwrap();
+    let clf =
+        wae_edge::Classifier::load(fashion_model(d.path()), &candle_core::Device::Cpu).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let err = run_stream(|| Ok(Box::new(Unplugged)), &clf, &options(false), &stop, |_, _, _| ()).unwrap_err();
+    let err = run_stream(
+        || Ok(Box::new(Unplugged)),
+        &clf,
+        &options(false),
+        &stop,
+        |_, _, _| (),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("unplugged"), "{err}");
 }

@@ -1,6 +1,7 @@
 //! Sub-commands of the `wae-edge` binary: argument parsing and printing only; the work is in
 //! the library.
 
+mod bench;
 mod classify;
 mod inspect;
 mod stream;
@@ -69,6 +70,8 @@ enum Command {
     Classify(classify::Args),
     /// Classify a camera, files or a synthetic source in real time, with fps and per-stage latency.
     Stream(stream::Args),
+    /// Time a model (and a baseline, alternating): percentiles, fps, GFLOP/s, per stage.
+    Bench(bench::Args),
     /// Write a randomly initialised fp16 model from a preset (marked untrained).
     New {
         /// Preset name.
@@ -124,6 +127,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Classify(args) => classify::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Stream(args) => stream::run(args),
+        Command::Bench(args) => bench::run(args),
         #[cfg(feature = "train")]
         Command::Train(args) => train::run_train(args),
         #[cfg(feature = "train")]

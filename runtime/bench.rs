@@ -1,0 +1,188 @@
+//! Honest timing of the bare network: warm-up excluded, init and first inference reported apart,
+//! percentiles per stage, and a baseline measured in the same run, alternating iteration by
+//! iteration so that drift on a shared machine hits both models alike.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::model::macs;
+use crate::model::WaeNet;
+use crate::stats::{summarize, Summary};
+use crate::weights::{compute_dtype, ModelFile};
+
+/// How long to measure.
+#[derive(Clone, Copy, Debug)]
+pub enum Budget {
+    /// A fixed number of timed iterations (per model).
+    Iters(usize),
+    /// Wall time for the whole timed phase.
+    Seconds(f64),
+}
+
+/// A model loaded for benchmarking, with what loading cost.
+pub struct Bench {
+    /// The network.
+    pub net: WaeNet,
+    /// Fixed input batch.
+    pub input: Tensor,
+    /// mmap + validation + build.
+    pub init: Duration,
+    /// The first forward pass (allocations, page faults).
+    pub first: Duration,
+    /// Inference MACs per image.
+    pub macs: u64,
+    /// Model path.
+    pub path: String,
+    samples: Vec<Duration>,
+    stages: BTreeMap<&'static str, Vec<Duration>>,
+}
+
+/// Results for one model.
+#[derive(Serialize, Clone, Debug)]
+pub struct BenchReport {
+    /// Model path.
+    pub model: String,
+    /// Batch size.
+    pub batch: usize,
+    /// Timed iterations.
+    pub iters: usize,
+    /// Median latency of one batch.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Fastest batch.
+    pub min_ms: f64,
+    /// Images per second at the median.
+    pub fps: f64,
+    /// 2 x MACs x batch / median.
+    pub gflops: f64,
+    /// mmap + validation + build, ms.
+    pub init_ms: f64,
+    /// First inference, ms.
+    pub first_ms: f64,
+    /// Per-stage percentiles (encoder, backbone, branch, heads).
+    pub stages: BTreeMap<&'static str, Summary>,
+    /// Inference MACs per image.
+    pub macs: u64,
+}
+
+impl Bench {
+    /// Loads `path` on `device` and prepares a seeded input of `batch` images.
+    pub fn load(
+        path: &std::path::Path,
+        device: &Device,
+        batch: usize,
+    ) -> Result<Bench, crate::weights::WeightsError> {
+        let t = Instant::now();
+        let file = ModelFile::open(path)?;
+        let config = file.config().clone();
+        let net = file.build(device)?;
+        let init = t.elapsed();
+        let candle = |cause| crate::weights::WeightsError::Candle {
+            path: path.into(),
+            cause,
+        };
+        let i = config.input;
+        let input = Tensor::randn(
+            0f32,
+            1.0,
+            (batch.max(1), i.channels, i.height, i.width),
+            device,
+        )
+        .and_then(|x| x.to_dtype(compute_dtype(device)))
+        .map_err(candle)?;
+        let t = Instant::now();
+        net.forward_t(&input, false)
+            .and_then(|y| y.to_dtype(DType::F32))
+            .map_err(candle)?;
+        device.synchronize().map_err(candle)?;
+        let first = t.elapsed();
+        Ok(Bench {
+            net,
+            input,
+            init,
+            first,
+            macs: macs::count(&config).total,
+            path: path.display().to_string(),
+            samples: vec![],
+            stages: BTreeMap::new(),
+        })
+    }
+
+    /// One timed forward pass with its per-stage split.
+    fn step(&mut self, record: bool) -> candle_core::Result<()> {
+        let t = Instant::now();
+        let (y, st) = self.net.forward_timed(&self.input)?;
+        y.to_dtype(DType::F32)?;
+        let total = t.elapsed();
+        if record {
+            self.samples.push(total);
+            for (name, d) in st.named() {
+                self.stages.entry(name).or_default().push(d);
+            }
+        }
+        Ok(())
+    }
+
+    /// The report of what was recorded.
+    pub fn report(&self) -> BenchReport {
+        let s = summarize(&self.samples);
+        let batch = self.input.dim(0).unwrap_or(1);
+        BenchReport {
+            model: self.path.clone(),
+            batch,
+            iters: s.n,
+            p50_ms: s.p50_ms,
+            p90_ms: s.p90_ms,
+            p99_ms: s.p99_ms,
+            min_ms: s.min_ms,
+            fps: batch as f64 * 1e3 / s.p50_ms,
+            gflops: 2.0 * self.macs as f64 * batch as f64 / (s.p50_ms * 1e6),
+            init_ms: self.init.as_secs_f64() * 1e3,
+            first_ms: self.first.as_secs_f64() * 1e3,
+            stages: self
+                .stages
+                .iter()
+                .map(|(k, v)| (*k, summarize(v)))
+                .collect(),
+            macs: self.macs,
+        }
+    }
+}
+
+/// Warms up, then times `models` in alternation (A, B, A, B, ...) within `budget`;
+/// `progress` sees the elapsed fraction.
+pub fn run(
+    models: &mut [Bench],
+    warmup: usize,
+    budget: Budget,
+    mut progress: impl FnMut(f64),
+) -> candle_core::Result<()> {
+    for _ in 0..warmup {
+        for m in models.iter_mut() {
+            m.step(false)?;
+        }
+    }
+    let t = Instant::now();
+    let mut i = 0usize;
+    loop {
+        let frac = match budget {
+            Budget::Iters(n) => i as f64 / n.max(1) as f64,
+            Budget::Seconds(s) => t.elapsed().as_secs_f64() / s,
+        };
+        if frac >= 1.0 && i > 0 {
+            break;
+        }
+        progress(frac.min(1.0));
+        for m in models.iter_mut() {
+            m.step(true)?;
+        }
+        i += 1;
+    }
+    Ok(())
+}

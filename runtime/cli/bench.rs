@@ -1,0 +1,192 @@
+//! `wae-edge bench`: latency percentiles, fps and GFLOP/s of the bare network, per stage, with
+//! an optional baseline timed in alternation, and optionally the streaming pipeline's fps on a
+//! source against the bare network's (the pipeline overhead).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use wae_edge::bench::{self, Bench, BenchReport, Budget};
+use wae_edge::pipeline::{run_stream, StreamOptions};
+use wae_edge::sources::{open_source, SourceOptions};
+use wae_edge::stats::resident_memory;
+
+use super::Placement;
+
+/// Arguments of `bench`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model to time.
+    #[arg(long)]
+    model: PathBuf,
+    /// A second model timed in the same run, alternating; reports the speed-up.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// CPU threads (sets RAYON_NUM_THREADS; default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// Timed phase length in seconds.
+    #[arg(long, conflicts_with = "iters")]
+    seconds: Option<f64>,
+    /// Timed iterations per model.
+    #[arg(long)]
+    iters: Option<usize>,
+    /// Also run the streaming pipeline on this source (e.g. synthetic:640x480) and report its
+    /// fps against the bare model's.
+    #[arg(long)]
+    pipeline: Option<String>,
+    /// One JSON object (last line) instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    placement: Placement,
+}
+
+fn table(r: &BenchReport, name: &str) {
+    println!(
+        "{name:<9} p50 {:>9.3} ms  p90 {:>9.3}  p99 {:>9.3}  min {:>9.3}  {:>9.1} img/s  {:>7.1} GFLOP/s  (init {:.0} ms, first {:.1} ms, {} iters)",
+        r.p50_ms, r.p90_ms, r.p99_ms, r.min_ms, r.fps, r.gflops, r.init_ms, r.first_ms, r.iters
+    );
+    let stages: Vec<String> = r
+        .stages
+        .iter()
+        .map(|(k, v)| format!("{k} {:.3}", v.p50_ms))
+        .collect();
+    println!("          stage p50 ms: {}", stages.join(", "));
+}
+
+/// Bare-model fps and pipeline fps, measured in alternating rounds.
+fn pipeline_overhead(bench: &mut Bench, uri: &str, seconds: f64) -> Result<serde_json::Value> {
+    let clf = wae_edge::Classifier::new(
+        wae_edge::weights::load(&bench.path, bench.input.device())?,
+        bench.input.device().clone(),
+    );
+    let x1 = bench.input.narrow(0, 0, 1)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (mut bare, mut piped) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let mut n = 0u64;
+        while t.elapsed().as_secs_f64() < seconds / 6.0 {
+            bench
+                .net
+                .forward_t(&x1, false)?
+                .to_dtype(candle_core::DType::F32)?;
+            n += 1;
+        }
+        bare.push(n as f64 / t.elapsed().as_secs_f64());
+        let opts = StreamOptions {
+            frames: None,
+            seconds: Some(seconds / 6.0),
+            timeout: Duration::from_secs(5),
+            top_k: 1,
+            reconnect: false,
+            scaled_decode: true,
+        };
+        let s = run_stream(
+            || open_source(uri, &SourceOptions::default()),
+            &clf,
+            &opts,
+            &stop,
+            |_, _, _| (),
+        )?;
+        piped.push(s.fps);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (b, p) = (med(&mut bare), med(&mut piped));
+    Ok(
+        json!({"source": uri, "bare_fps": b, "pipeline_fps": p, "overhead_pct": 100.0 * (1.0 - p / b)}),
+    )
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    if let Some(t) = a.threads {
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let device = a.placement.open()?;
+    let mut models = vec![Bench::load(&a.model, &device, a.batch)?];
+    if let Some(b) = &a.baseline {
+        models.push(Bench::load(b, &device, a.batch)?);
+    }
+    let budget = match (a.iters, a.seconds) {
+        (Some(n), _) => Budget::Iters(n),
+        (None, Some(s)) => Budget::Seconds(s),
+        (None, None) => Budget::Seconds(10.0),
+    };
+    let bar = ProgressBar::new(1000);
+    bar.set_style(
+        ProgressStyle::with_template("timing {bar:40} {elapsed}<{eta}").expect("static template"),
+    );
+    bench::run(&mut models, a.warmup, budget, |f| {
+        bar.set_position((f * 1000.0) as u64)
+    })?;
+    bar.finish_and_clear();
+    let reports: Vec<BenchReport> = models.iter().map(Bench::report).collect();
+    let pipeline = match &a.pipeline {
+        Some(uri) => Some(pipeline_overhead(
+            &mut models[0],
+            uri,
+            match budget {
+                Budget::Seconds(s) => s,
+                Budget::Iters(_) => 6.0,
+            },
+        )?),
+        None => None,
+    };
+    let threads = candle_core::utils::get_num_threads();
+    let peak = resident_memory().map(|m| m.1);
+    let mut out = json!({"model": reports[0], "threads": threads, "device": wae_edge::device::describe(&device), "peak_rss_bytes": peak});
+    if let Some(b) = reports.get(1) {
+        out["baseline"] = json!(b);
+        out["speedup"] = json!(b.p50_ms / reports[0].p50_ms);
+    }
+    if let Some(p) = &pipeline {
+        out["pipeline"] = p.clone();
+    }
+    if a.json {
+        println!("{out}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} threads, batch {}, device {}",
+        threads,
+        a.batch,
+        wae_edge::device::describe(&device)
+    );
+    table(&reports[0], "model");
+    if let Some(b) = reports.get(1) {
+        table(b, "baseline");
+        println!(
+            "speed-up (baseline p50 / model p50): {:.2}x",
+            b.p50_ms / reports[0].p50_ms
+        );
+    }
+    if let Some(p) = pipeline {
+        println!(
+            "pipeline on {}: {:.1} fps vs bare {:.1} fps: overhead {:.1}%",
+            p["source"].as_str().unwrap_or_default(),
+            p["pipeline_fps"].as_f64().unwrap_or_default(),
+            p["bare_fps"].as_f64().unwrap_or_default(),
+            p["overhead_pct"].as_f64().unwrap_or_default()
+        );
+    }
+    if let Some(peak) = peak {
+        println!("peak resident memory {:.0} MB", peak as f64 / 1e6);
+    }
+    Ok(ExitCode::SUCCESS)
+}
