@@ -121,7 +121,7 @@ fn decode_mjpeg(
 
 /// YUYV 4:2:2 to RGB with the BT.601 limited-range matrix webcams use; None if the size is wrong.
 pub fn yuyv_to_rgb(width: u32, height: u32, bytes: &[u8]) -> Option<RgbImage> {
-    if width % 2 != 0 || bytes.len() != (width as usize) * (height as usize) * 2 {
+    if !width.is_multiple_of(2) || bytes.len() != (width as usize) * (height as usize) * 2 {
         return None;
     }
     let mut out = Vec::with_capacity(bytes.len() / 2 * 3);

@@ -124,6 +124,24 @@ impl Preprocessor {
     /// Resizes (per the resize policy) to the input size, keeping the input's channel count.
     pub fn resize(&self, img: &DynamicImage) -> DynamicImage {
         let (w, h) = (self.input.width as u32, self.input.height as u32);
+        // Frames much larger than the input (a 640x480 camera frame for a 28x28 model) are first
+        // shrunk, aspect kept, with image's fast integer box filter to about twice the input;
+        // the filtered resize below then costs little.
+        let s = f64::max(
+            2.0 * w as f64 / img.width() as f64,
+            2.0 * h as f64 / img.height() as f64,
+        );
+        let shrunk;
+        let img = if s <= 0.25 {
+            let (sw, sh) = (
+                (img.width() as f64 * s).ceil() as u32,
+                (img.height() as f64 * s).ceil() as u32,
+            );
+            shrunk = img.thumbnail_exact(sw.max(w), sh.max(h));
+            &shrunk
+        } else {
+            img
+        };
         let img = if self.input.channels == 1 {
             DynamicImage::ImageLuma8(img.to_luma8())
         } else {

@@ -185,7 +185,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             }
             classified += 1;
             if let Some(dir) = &a.save {
-                if (classified - 1) % a.save_every.max(1) == 0 && save_error.is_none() {
+                if (classified - 1).is_multiple_of(a.save_every.max(1)) && save_error.is_none() {
                     let mut rgb = img.to_rgb8();
                     let best = &r.top[0];
                     let scale = (rgb.height() / 120).max(1);
