@@ -340,14 +340,18 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<WaeNet, WeightsEr
     ModelFile::open(path)?.build(device)
 }
 
-/// An owned tensor buffer in safetensors form.
-struct Blob {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
+/// An owned tensor buffer in safetensors form (dtype, shape, little-endian bytes).
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Little-endian element bytes.
+    pub data: Vec<u8>,
 }
 
-impl safetensors::View for &Blob {
+impl safetensors::View for &RawTensor {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
@@ -362,14 +366,15 @@ impl safetensors::View for &Blob {
     }
 }
 
-fn to_f16_blob(t: &Tensor) -> candle_core::Result<Blob> {
+/// A tensor converted to f16 safetensors bytes.
+pub fn to_f16_raw(t: &Tensor) -> candle_core::Result<RawTensor> {
     let v = t
         .to_dtype(DType::F16)?
         .flatten_all()?
         .to_device(&Device::Cpu)?
         .to_vec1::<half::f16>()?;
     let data = v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
-    Ok(Blob {
+    Ok(RawTensor {
         dtype: Dtype::F16,
         shape: t.dims().to_vec(),
         data,
@@ -390,7 +395,7 @@ pub fn save(
     };
     let mut blobs = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), to_f16_blob(t)?)))
+        .map(|(n, t)| Ok((n.clone(), to_f16_raw(t)?)))
         .collect::<candle_core::Result<Vec<_>>>()
         .map_err(candle)?;
     blobs.sort_by(|a, b| a.0.cmp(&b.0));

@@ -243,9 +243,7 @@ fn missing_image() {
 
 #[test]
 fn unknown_profile_key() {
-    let d = tempfile::tempdir().unwrap();
-    let model = fashion_model(d.path());
-    let img = sample_png(d.path(), "a.png");
+    let Fixture { dir: d, model, img } = fixture();
     let text = std::fs::read_to_string("firmware-profiles/x86-64-cpu.toml").unwrap()
         + "\noverclock = true\n";
     let prof = d.path().join("mine.toml");
@@ -270,9 +268,11 @@ fn unknown_profile_key() {
 
 #[test]
 fn device_this_build_cannot_use() {
-    let d = tempfile::tempdir().unwrap();
-    let model = fashion_model(d.path());
-    let img = sample_png(d.path(), "a.png");
+    let Fixture {
+        dir: _d,
+        model,
+        img,
+    } = fixture();
     if !cfg!(feature = "cuda") {
         let out = bin()
             .args(["classify", "--device", "cuda", "--model"])

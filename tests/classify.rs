@@ -14,20 +14,18 @@ fn json_lines(out: &std::process::Output) -> Vec<Value> {
 
 #[test]
 fn json_lines_have_input_top_and_ms() {
-    let d = tempfile::tempdir().unwrap();
-    let model = fashion_model(d.path());
-    let img = sample_png(d.path(), "a.png");
+    let Fixture {
+        dir: _d,
+        model,
+        img,
+    } = fixture();
     let out = bin()
         .args(["classify", "--json", "--top-k", "10", "--model"])
         .arg(&model)
         .arg(&img)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 1);
     let l = &lines[0];
@@ -55,9 +53,11 @@ fn json_lines_have_input_top_and_ms() {
 
 #[test]
 fn human_output_lists_top_k_like_imagenet() {
-    let d = tempfile::tempdir().unwrap();
-    let model = fashion_model(d.path());
-    let img = sample_png(d.path(), "a.png");
+    let Fixture {
+        dir: _d,
+        model,
+        img,
+    } = fixture();
     let out = bin()
         .args(["classify", "--top-k", "3", "--device", "cpu", "--model"])
         .arg(&model)
@@ -219,11 +219,7 @@ fn decompose_writes_the_split_as_pictures() {
         .arg(&img)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     for part in ["input", "low", "high", "rec", "strip"] {
         let p = out_dir.join(format!("boot_{part}.png"));
         let pic = image::open(&p).unwrap();

@@ -11,11 +11,7 @@ fn inspect(path: &std::path::Path) -> Value {
         .arg(path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -109,9 +105,11 @@ fn profiles_lists_every_shipped_board() {
 
 #[test]
 fn a_cpu_profile_runs_and_sets_the_device() {
-    let d = tempfile::tempdir().unwrap();
-    let model = fashion_model(d.path());
-    let img = sample_png(d.path(), "a.png");
+    let Fixture {
+        dir: _d,
+        model,
+        img,
+    } = fixture();
     let out = bin()
         .args(["classify", "--profile", "x86-64-cpu", "--model"])
         .arg(&model)

@@ -24,11 +24,7 @@ fn synthetic_json_ends_with_a_summary() {
         .arg("synthetic:320x240")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -122,11 +118,7 @@ fn ctrl_c_ends_cleanly_with_a_summary() {
         .unwrap()
         .success());
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let last = String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()

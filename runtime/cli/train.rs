@@ -203,12 +203,7 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
     let report = train::train(&options, &train_set, &a.out, a.resume)?;
     let export = a.export.unwrap_or_else(|| a.out.join("model.safetensors"));
     let mut config = report.config.clone();
-    let last_val = report
-        .metrics
-        .iter()
-        .rev()
-        .find(|m| m.val_acc.is_finite())
-        .map(|m| m.val_acc);
+    let last_val = report.metrics.iter().rev().find_map(|m| m.val_acc);
     let epochs: serde_json::Map<String, serde_json::Value> = train::plan(&options)
         .into_iter()
         .map(|(s, e)| {

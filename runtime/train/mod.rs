@@ -81,14 +81,14 @@ pub struct EpochMetrics {
     pub epoch: usize,
     /// Mean training loss.
     pub train_loss: f64,
-    /// Training accuracy (NaN in stage 1).
-    pub train_acc: f64,
-    /// Validation accuracy (NaN in stage 1).
-    pub val_acc: f64,
-    /// Validation reconstruction loss (NaN without a decoder).
-    pub val_rec: f64,
-    /// Validation mean square of I_H (NaN without I_H).
-    pub val_energy: f64,
+    /// Training accuracy (none in stage 1).
+    pub train_acc: Option<f64>,
+    /// Validation accuracy (none in stage 1).
+    pub val_acc: Option<f64>,
+    /// Validation reconstruction loss (none without a decoder).
+    pub val_rec: Option<f64>,
+    /// Validation mean square of I_H (none without I_H).
+    pub val_energy: Option<f64>,
     /// Learning rate at the end of the epoch.
     pub lr: f64,
     /// Wall time of the epoch.
@@ -217,6 +217,23 @@ struct Nets {
 }
 
 impl Nets {
+    /// Training-mode split and reconstruction: I_L, I_H and L_rec + lambda * L_energy.
+    fn auto_encode(
+        &self,
+        x: &Tensor,
+        lambda: f64,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (low, high) = self.net.split(x, true)?;
+        let high = high.expect("WAE has I_H");
+        let rebuilt = self
+            .decoder
+            .as_ref()
+            .expect("WAE has a decoder")
+            .forward(&low, &high)?;
+        let loss = losses::wae(x, &rebuilt, &high, lambda)?;
+        Ok((low, high, loss))
+    }
+
     /// Loss, correct count and the split's by-products for one batch.
     fn step_loss(
         &self,
@@ -227,16 +244,7 @@ impl Nets {
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let net = &self.net;
         match stage {
-            Stage::AutoEncoder => {
-                let (low, high) = net.split(x, true)?;
-                let high = high.expect("WAE has I_H");
-                let rebuilt = self
-                    .decoder
-                    .as_ref()
-                    .expect("WAE has a decoder")
-                    .forward(&low, &high)?;
-                Ok((losses::wae(x, &rebuilt, &high, o.lambda)?, None))
-            }
+            Stage::AutoEncoder => Ok((self.auto_encode(x, o.lambda)?.2, None)),
             Stage::Classifier => {
                 let logits = if o.config.arch.kind == ArchKind::Wae {
                     // Frozen encoder: running statistics, no gradient.
@@ -251,18 +259,11 @@ impl Nets {
                 Ok((candle_nn::loss::cross_entropy(&logits, y)?, Some(logits)))
             }
             Stage::Joint => {
-                let (low, high) = net.split(x, true)?;
-                let high = high.expect("WAE has I_H");
-                let rebuilt = self
-                    .decoder
-                    .as_ref()
-                    .expect("WAE has a decoder")
-                    .forward(&low, &high)?;
+                let (low, high, wae) = self.auto_encode(x, o.lambda)?;
                 let f_low = net.backbone(&low, true)?;
                 let f_high = net.branch(Some(&high), true)?;
                 let logits = net.heads(&f_low, f_high.as_ref(), true)?;
                 let cls = candle_nn::loss::cross_entropy(&logits, y)?;
-                let wae = losses::wae(x, &rebuilt, &high, o.lambda)?;
                 Ok((losses::joint(&cls, &wae, o.gamma)?, Some(logits)))
             }
         }
@@ -274,7 +275,7 @@ impl Nets {
         pre: &Preprocessor,
         ds: &Dataset,
         dev: &Device,
-    ) -> candle_core::Result<(f64, f64, f64)> {
+    ) -> candle_core::Result<(f64, Option<f64>, Option<f64>)> {
         let (mut correct, mut rec, mut energy, mut batches) = (0usize, 0f64, 0f64, 0usize);
         let idx: Vec<usize> = (0..ds.len()).collect();
         for chunk in idx.chunks(500) {
@@ -299,11 +300,11 @@ impl Nets {
             batches += 1;
         }
         let n = batches.max(1) as f64;
-        let nan_unless = |has: bool, v: f64| if has { v / n } else { f64::NAN };
+        let mean_if = |has: bool, v: f64| has.then_some(v / n);
         Ok((
             correct as f64 / ds.len().max(1) as f64,
-            nan_unless(self.decoder.is_some(), rec),
-            nan_unless(self.net.config().arch.kind.has_branch(), energy),
+            mean_if(self.decoder.is_some(), rec),
+            mean_if(self.net.config().arch.kind.has_branch(), energy),
         ))
     }
 }
@@ -344,6 +345,7 @@ pub fn fold_batch_norm(
 }
 
 /// Result of a finished run.
+#[derive(Debug)]
 pub struct TrainReport {
     /// The config written into the exported model.
     pub config: ModelConfig,
@@ -502,20 +504,25 @@ pub fn train(
                 stage,
                 epoch: epoch + 1,
                 train_loss: loss_sum / seen.max(1) as f64,
-                train_acc: if has_cls {
-                    correct as f64 / seen.max(1) as f64
-                } else {
-                    f64::NAN
-                },
-                val_acc: if has_cls { val_acc } else { f64::NAN },
+                train_acc: has_cls.then_some(correct as f64 / seen.max(1) as f64),
+                val_acc: has_cls.then_some(val_acc),
                 val_rec,
                 val_energy,
                 lr,
                 seconds: t0.elapsed().as_secs_f64(),
             };
+            let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
             eprintln!(
-                "{:?} {}/{}: loss {:.4} train acc {:.4} val acc {:.4} val rec {:.4} energy {:.4} ({:.0} s)",
-                stage, m.epoch, epochs, m.train_loss, m.train_acc, m.val_acc, m.val_rec, m.val_energy, m.seconds
+                "{:?} {}/{}: loss {:.4} train acc {} val acc {} val rec {} energy {} ({:.0} s)",
+                stage,
+                m.epoch,
+                epochs,
+                m.train_loss,
+                f(m.train_acc),
+                f(m.val_acc),
+                f(m.val_rec),
+                f(m.val_energy),
+                m.seconds
             );
             state.metrics.push(m);
             state.done.retain(|(s, _)| *s != stage);
@@ -523,13 +530,7 @@ pub fn train(
             checkpoint(&run, &vm, &state)?;
         }
     }
-    let tensors: HashMap<String, Tensor> = vm
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    let tensors = snapshot(&vm);
     let mut config = options.config.clone();
     config.arch.batch_norm = false;
     config.untrained = false;
@@ -540,15 +541,17 @@ pub fn train(
     })
 }
 
+/// Current values of every variable, by name.
+fn snapshot(vm: &VarMap) -> HashMap<String, Tensor> {
+    let data = vm.data().lock().expect("varmap lock");
+    data.iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
 /// Writes the checkpoint, state, metrics CSV and curve, each atomically.
 fn checkpoint(run: &RunDir, vm: &VarMap, state: &RunState) -> Result<()> {
-    let tensors: HashMap<String, Tensor> = vm
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    let tensors = snapshot(vm);
     let bytes = safetensors_f32(&tensors)?;
     crate::atomic::write(&run.checkpoint(), &bytes)?;
     crate::atomic::write(
@@ -562,9 +565,17 @@ fn checkpoint(run: &RunDir, vm: &VarMap, state: &RunState) -> Result<()> {
             .as_str()
             .unwrap_or_default()
             .to_string();
+        let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
         csv += &format!(
-            "{stage},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.3e},{:.1}\n",
-            m.epoch, m.train_loss, m.train_acc, m.val_acc, m.val_rec, m.val_energy, m.lr, m.seconds
+            "{stage},{},{:.6},{},{},{},{},{:.3e},{:.1}\n",
+            m.epoch,
+            m.train_loss,
+            f(m.train_acc),
+            f(m.val_acc),
+            f(m.val_rec),
+            f(m.val_energy),
+            m.lr,
+            m.seconds
         );
     }
     crate::atomic::write(&run.metrics(), csv.as_bytes())?;
@@ -575,15 +586,9 @@ fn checkpoint(run: &RunDir, vm: &VarMap, state: &RunState) -> Result<()> {
 
 /// Serialises f32 tensors (checkpoints keep full precision).
 fn safetensors_f32(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let views: Vec<(String, Tensor)> = names
-        .into_iter()
-        .map(|n| (n.clone(), tensors[n].clone()))
-        .collect();
-    let tmp = tempfile::NamedTempFile::new()?;
-    candle_core::safetensors::save(&views.into_iter().collect::<HashMap<_, _>>(), tmp.path())?;
-    Ok(std::fs::read(tmp.path())?)
+    let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    Ok(safetensors::serialize(named, None)?)
 }
 
 #[cfg(test)]

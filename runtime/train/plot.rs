@@ -65,8 +65,7 @@ pub fn curve_svg(metrics: &[EpochMetrics], title: &str) -> anyhow::Result<String
         let accs: Vec<(f64, f64)> = metrics
             .iter()
             .enumerate()
-            .filter(|(_, m)| m.val_acc.is_finite())
-            .map(|(i, m)| (i as f64 + 1.0, m.val_acc))
+            .filter_map(|(i, m)| Some((i as f64 + 1.0, m.val_acc?)))
             .collect();
         let amin = accs.iter().map(|p| p.1).fold(1.0, f64::min);
         let mut c = ChartBuilder::on(&right)

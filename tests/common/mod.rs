@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
-use safetensors::Dtype;
 
 use wae_edge::config::{preset, ModelConfig, CONFIG_KEY};
 
@@ -19,27 +18,7 @@ pub fn bin() -> Command {
 }
 
 /// A tensor as raw safetensors parts.
-#[derive(Clone, Debug)]
-pub struct Raw {
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    pub data: Vec<u8>,
-}
-
-impl safetensors::View for &Raw {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
+pub use wae_edge::weights::RawTensor as Raw;
 
 /// The tensors of a seeded random model of `preset_name`, as f16 raw parts, and its config.
 pub fn raw_model(preset_name: &str) -> (ModelConfig, Vec<(String, Raw)>) {
@@ -47,24 +26,7 @@ pub fn raw_model(preset_name: &str) -> (ModelConfig, Vec<(String, Raw)>) {
         wae_edge::weights::random_model(&preset(preset_name).unwrap(), 42).unwrap();
     let mut raws: Vec<(String, Raw)> = tensors
         .into_iter()
-        .map(|(n, t)| {
-            let v = t
-                .to_dtype(candle_core::DType::F16)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<half::f16>()
-                .unwrap();
-            let data = v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
-            (
-                n,
-                Raw {
-                    dtype: Dtype::F16,
-                    shape: t.dims().to_vec(),
-                    data,
-                },
-            )
-        })
+        .map(|(n, t)| (n, wae_edge::weights::to_f16_raw(&t).unwrap()))
         .collect();
     raws.sort_by(|a, b| a.0.cmp(&b.0));
     (config, raws)
@@ -127,4 +89,28 @@ pub fn assert_clean_failure(out: &std::process::Output, needle: &str) {
         errors[0]
     );
     assert!(!stderr.contains("   0: "), "backtrace leaked: {stderr}");
+}
+
+/// Asserts a run succeeded, showing its stderr otherwise.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A temporary directory holding a seeded wae-fashion model and one sample PNG.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub img: PathBuf,
+}
+
+/// A fresh [`Fixture`].
+pub fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fashion_model(dir.path());
+    let img = sample_png(dir.path(), "a.png");
+    Fixture { dir, model, img }
 }
