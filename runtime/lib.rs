@@ -16,6 +16,7 @@ pub mod entropy;
 pub mod eval;
 pub mod init;
 pub mod model;
+pub mod onnx;
 pub mod overlay;
 pub mod pipeline;
 pub mod preprocess;

@@ -255,6 +255,31 @@ impl ModelFile {
         self.mmap.is_empty()
     }
 
+    /// One tensor's shape and values, f16 -> f32 (for exporters).
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), WeightsError> {
+        let st = SafeTensors::deserialize(&self.mmap).map_err(|e| WeightsError::Format {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let view = st.tensor(name).map_err(|_| WeightsError::MissingTensor {
+            path: self.path.clone(),
+            name: name.into(),
+        })?;
+        if view.dtype() != Dtype::F16 {
+            return Err(WeightsError::Dtype {
+                path: self.path.clone(),
+                name: name.into(),
+                got: view.dtype(),
+            });
+        }
+        let values = view
+            .data()
+            .chunks_exact(2)
+            .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect();
+        Ok((view.shape().to_vec(), values))
+    }
+
     /// Builds the inference network and the training-only decoder (for `decompose` and
     /// fine-tuning); fails if the file carries no valid decoder.
     pub fn build_with_decoder(self, device: &Device) -> Result<(WaeNet, Decoder), WeightsError> {

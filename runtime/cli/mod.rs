@@ -113,6 +113,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Export the inference network (decoder excluded) as ONNX with f32 weights.
+    ExportOnnx {
+        /// Model file (default: the shipped model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Output .onnx file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Logits of normalised inputs given as raw little-endian f32 `[N, C, H, W]`, written as raw
+    /// f32 `[N, classes]`: for checking other runtimes against wae-edge.
+    Logits {
+        /// Model file (default: the shipped model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Raw f32 input file.
+        #[arg(long)]
+        input: PathBuf,
+        /// Raw f32 output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// List the shipped firmware profiles.
     Profiles {
         /// One JSON object per profile.
@@ -199,6 +221,55 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     r.mean_nats, r.std_nats, r.min_nats, r.max_nats, r.n, r.bound_nats
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ExportOnnx { model, output } => {
+            let model = model_path(model);
+            let bytes = wae_edge::onnx::export(&weights::ModelFile::open(&model)?)?;
+            wae_edge::atomic::write(&output, &bytes)
+                .with_context(|| format!("writing {}", output.display()))?;
+            eprintln!(
+                "wrote {} ({} bytes, opset {})",
+                output.display(),
+                bytes.len(),
+                wae_edge::onnx::OPSET
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logits {
+            model,
+            input,
+            output,
+        } => {
+            let model = model_path(model);
+            let net = weights::load(&model, &Device::Cpu)?;
+            let i = net.config().input;
+            let raw =
+                std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
+            let per = 4 * i.channels * i.height * i.width;
+            if raw.is_empty() || raw.len() % per != 0 {
+                bail!(
+                    "{}: {} bytes is not a whole number of {}x{}x{} f32 inputs",
+                    input.display(),
+                    raw.len(),
+                    i.channels,
+                    i.height,
+                    i.width
+                );
+            }
+            let vals: Vec<f32> = raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let x = candle_core::Tensor::from_vec(
+                vals,
+                (raw.len() / per, i.channels, i.height, i.width),
+                &Device::Cpu,
+            )?;
+            let y = net.forward_t(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
+            let bytes: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+            wae_edge::atomic::write(&output, &bytes)
+                .with_context(|| format!("writing {}", output.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Profiles { json } => {

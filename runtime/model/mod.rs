@@ -135,8 +135,9 @@ enum Split {
     },
 }
 
-/// The Haar kernel: output channel `band * C + c` applies band `band` to input channel `c`.
-fn haar_kernel(c: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+/// The orthonormal Haar analysis kernel `[4C, C, 2, 2]`, flattened: output channel
+/// `band * C + c` applies band `band` (LL, LH, HL, HH) to input channel `c`.
+pub fn haar_kernel_values(c: usize) -> Vec<f32> {
     let bands: [[f32; 4]; 4] = [
         [1., 1., 1., 1.],
         [1., -1., 1., -1.],
@@ -152,7 +153,11 @@ fn haar_kernel(c: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
             }
         }
     }
-    Tensor::from_vec(w, (4 * c, c, 2, 2), dev)?.to_dtype(dtype)
+    w
+}
+
+fn haar_kernel(c: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    Tensor::from_vec(haar_kernel_values(c), (4 * c, c, 2, 2), dev)?.to_dtype(dtype)
 }
 
 /// The learned encoder. Tensors at `vb.conv{i}`, `vb.low`, `vb.high`.
