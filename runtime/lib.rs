@@ -11,6 +11,7 @@ pub mod config;
 pub mod dataset;
 pub mod decode;
 pub mod decompose;
+pub mod depth;
 pub mod device;
 pub mod entropy;
 pub mod eval;

@@ -135,6 +135,22 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// EBCLE layer analysis: per backbone conv, relative change and CKA with the previous layer.
+    #[cfg(feature = "train")]
+    Layers {
+        /// Model file (default: the shipped model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// `fashion-mnist` or a directory of IDX files; test images are used.
+        #[arg(long, default_value = "fashion-mnist")]
+        dataset: String,
+        /// Number of images.
+        #[arg(long, default_value_t = 512)]
+        images: usize,
+        /// One JSON object per layer.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the shipped firmware profiles.
     Profiles {
         /// One JSON object per profile.
@@ -270,6 +286,33 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let bytes: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
             wae_edge::atomic::write(&output, &bytes)
                 .with_context(|| format!("writing {}", output.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "train")]
+        Command::Layers {
+            model,
+            dataset,
+            images,
+            json,
+        } => {
+            let model = model_path(model);
+            let clf = wae_edge::Classifier::load(&model, &Device::Cpu)?;
+            let test = train::load_split(&dataset, wae_edge::dataset::Split::Test)?;
+            let idx: Vec<usize> = (0..images.clamp(2, test.len())).collect();
+            let xs = wae_edge::eval::batch_tensor(&clf, &test, &idx)?;
+            for l in wae_edge::depth::analyse(clf.net(), &xs)? {
+                if json {
+                    println!("{}", serde_json::to_string(&l)?);
+                } else {
+                    let rc = l.relative_change.map_or("-".into(), |v| format!("{v:.3}"));
+                    println!(
+                        "conv {:>2} {:>14}  relative change {rc:>6}  CKA with previous {:.3}",
+                        l.layer,
+                        format!("{:?}", l.shape),
+                        l.cka_previous
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Profiles { json } => {

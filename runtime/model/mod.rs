@@ -6,7 +6,7 @@ pub mod macs;
 
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, ModuleT, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, FuncT, VarBuilder};
 
 use crate::config::{ArchKind, ModelConfig};
@@ -62,14 +62,49 @@ pub fn max_pool(xs: &Tensor, ceil: bool) -> Result<Tensor> {
     xs.max_pool2d(2)
 }
 
-/// VGG-style stack: per stage, 3x3 convs with ReLU then a 2x2 max-pool. Tensors at `vb.s{stage}.c{i}`.
+/// VGG-style stack: per stage, 3x3 convs with ReLU then a 2x2 max-pool.
+pub struct VggStack {
+    stages: Vec<Vec<FuncT<'static>>>,
+    pool_ceil: bool,
+}
+
+impl VggStack {
+    /// Output of every conv (after ReLU, before pooling), in order: for layer analysis (EBCLE).
+    pub fn trace(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        let mut xs = xs.clone();
+        for stage in &self.stages {
+            for conv in stage {
+                xs = xs.apply_t(conv, false)?;
+                out.push(xs.clone());
+            }
+            xs = max_pool(&xs, self.pool_ceil)?;
+        }
+        Ok(out)
+    }
+}
+
+impl ModuleT for VggStack {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for stage in &self.stages {
+            for conv in stage {
+                xs = xs.apply_t(conv, train)?;
+            }
+            xs = max_pool(&xs, self.pool_ceil)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// Builds a [`VggStack`]. Tensors at `vb.s{stage}.c{i}`.
 pub fn vgg_stack(
     c_in: usize,
     stages: &[Vec<usize>],
     pool_ceil: bool,
     bn: bool,
     vb: VarBuilder,
-) -> Result<FuncT<'static>> {
+) -> Result<VggStack> {
     let mut convs = Vec::new();
     let mut c = c_in;
     for (s, widths) in stages.iter().enumerate() {
@@ -80,16 +115,10 @@ pub fn vgg_stack(
         }
         convs.push(stage);
     }
-    Ok(FuncT::new(move |xs, train| {
-        let mut xs = xs.clone();
-        for stage in &convs {
-            for conv in stage {
-                xs = xs.apply_t(conv, train)?;
-            }
-            xs = max_pool(&xs, pool_ceil)?;
-        }
-        Ok(xs)
-    }))
+    Ok(VggStack {
+        stages: convs,
+        pool_ceil,
+    })
 }
 
 /// Fully connected head: flattened features -> hidden layers (ReLU, dropout 0.5 in training) ->
@@ -203,8 +232,8 @@ impl StageTimes {
 pub struct WaeNet {
     config: ModelConfig,
     split: Split,
-    backbone: FuncT<'static>,
-    branch: Option<FuncT<'static>>,
+    backbone: VggStack,
+    branch: Option<VggStack>,
     head_low: FuncT<'static>,
     head_fuse: Option<FuncT<'static>>,
 }
@@ -285,6 +314,11 @@ impl WaeNet {
                 Ok((h.apply_t(low, train)?, Some(h.apply_t(high, train)?)))
             }
         }
+    }
+
+    /// The I_L backbone (for layer analysis).
+    pub fn backbone_stack(&self) -> &VggStack {
+        &self.backbone
     }
 
     /// F_L: the backbone on I_L.
