@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+use crate::classifier::{Engine, EngineKind};
 use crate::model::macs;
-use crate::model::WaeNet;
 use crate::stats::{summarize, Summary};
-use crate::weights::{compute_dtype, ModelFile};
+use crate::weights::ModelFile;
 
 /// How long to measure.
 #[derive(Clone, Copy, Debug)]
@@ -25,7 +25,7 @@ pub enum Budget {
 /// A model loaded for benchmarking, with what loading cost.
 pub struct Bench {
     /// The network.
-    pub net: WaeNet,
+    pub engine: Engine,
     /// Fixed input batch.
     pub input: Tensor,
     /// mmap + validation + build.
@@ -72,16 +72,18 @@ pub struct BenchReport {
 }
 
 impl Bench {
-    /// Loads `path` on `device` and prepares a seeded input of `batch` images.
+    /// Loads `path` on `device` with the `kind` engine and prepares a random input of `batch`
+    /// images.
     pub fn load(
         path: &std::path::Path,
         device: &Device,
         batch: usize,
+        kind: EngineKind,
     ) -> Result<Bench, crate::weights::WeightsError> {
         let t = Instant::now();
         let file = ModelFile::open(path)?;
         let config = file.config().clone();
-        let net = file.build(device)?;
+        let engine = Engine::build(file, device, kind)?;
         let init = t.elapsed();
         let candle = |cause| crate::weights::WeightsError::Candle {
             path: path.into(),
@@ -94,16 +96,12 @@ impl Bench {
             (batch.max(1), i.channels, i.height, i.width),
             device,
         )
-        .and_then(|x| x.to_dtype(compute_dtype(device)))
         .map_err(candle)?;
         let t = Instant::now();
-        net.forward_t(&input, false)
-            .and_then(|y| y.to_dtype(DType::F32))
-            .map_err(candle)?;
-        device.synchronize().map_err(candle)?;
+        engine.logits_timed(&input).map_err(candle)?;
         let first = t.elapsed();
         Ok(Bench {
-            net,
+            engine,
             input,
             init,
             first,
@@ -117,8 +115,7 @@ impl Bench {
     /// One timed forward pass with its per-stage split.
     fn step(&mut self, record: bool) -> candle_core::Result<()> {
         let t = Instant::now();
-        let (y, st) = self.net.forward_timed(&self.input)?;
-        y.to_dtype(DType::F32)?;
+        let (_, st) = self.engine.logits_timed(&self.input)?;
         let total = t.elapsed();
         if record {
             self.samples.push(total);

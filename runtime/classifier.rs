@@ -5,9 +5,10 @@ use image::DynamicImage;
 use serde::Serialize;
 
 use crate::config::ModelConfig;
+use crate::cpu::CpuNet;
 use crate::model::{StageTimes, WaeNet};
 use crate::preprocess::Preprocessor;
-use crate::weights::{self, WeightsError};
+use crate::weights::{self, ModelFile, WeightsError};
 
 /// One ranked class.
 #[derive(Serialize, Clone, Debug, PartialEq)]
@@ -37,36 +38,122 @@ pub fn top_k(logits: &[f32], labels: &[String], k: usize) -> Vec<Prediction> {
         .collect()
 }
 
+/// Which implementation runs the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum EngineKind {
+    /// wae-edge's own NHWC path on the CPU, candle on GPUs.
+    #[default]
+    Auto,
+    /// candle everywhere (the reference path).
+    Candle,
+}
+
+/// A built network: candle's modules, or the native CPU path.
+pub enum Engine {
+    /// candle (CPU f32 or GPU f16).
+    Candle(WaeNet),
+    /// wae-edge's own CPU path.
+    Cpu(CpuNet),
+}
+
+impl Engine {
+    /// Builds a validated model file for `device`.
+    pub fn build(
+        file: ModelFile,
+        device: &Device,
+        kind: EngineKind,
+    ) -> Result<Engine, WeightsError> {
+        if device.is_cpu() && kind == EngineKind::Auto {
+            Ok(Engine::Cpu(CpuNet::from_file(&file)?))
+        } else {
+            Ok(Engine::Candle(file.build(device)?))
+        }
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Engine::Candle(n) => n.config(),
+            Engine::Cpu(n) => n.config(),
+        }
+    }
+
+    /// Short name for reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Candle(_) => "candle",
+            Engine::Cpu(_) => "native-cpu",
+        }
+    }
+
+    /// Logits `[n, classes]` and per-stage times of a normalised `[n, C, H, W]` batch.
+    pub fn logits_timed(&self, batch: &Tensor) -> candle_core::Result<(Vec<Vec<f32>>, StageTimes)> {
+        let n = batch.dim(0)?;
+        let (flat, times) = match self {
+            Engine::Candle(net) => {
+                let x = batch.to_dtype(weights::compute_dtype(batch.device()))?;
+                let (y, t) = net.forward_timed(&x)?;
+                (
+                    y.to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                    t,
+                )
+            }
+            Engine::Cpu(net) => {
+                let x = batch
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                net.forward(&x, n)
+            }
+        };
+        let k = self.config().classes;
+        Ok((flat.chunks_exact(k).map(<[f32]>::to_vec).collect(), times))
+    }
+}
+
 /// Network + preprocessing + device.
 pub struct Classifier {
-    net: WaeNet,
+    engine: Engine,
     pre: Preprocessor,
     device: Device,
 }
 
 impl Classifier {
-    /// Wraps a built network.
-    pub fn new(net: WaeNet, device: Device) -> Self {
-        let pre = Preprocessor::new(net.config());
-        Classifier { net, pre, device }
+    /// Wraps a built engine.
+    pub fn new(engine: Engine, device: Device) -> Self {
+        let pre = Preprocessor::new(engine.config());
+        Classifier {
+            engine,
+            pre,
+            device,
+        }
     }
 
-    /// Maps, validates and builds a model file on `device`.
+    /// Maps, validates and builds a model file on `device` with the default engine.
     pub fn load(path: impl AsRef<std::path::Path>, device: &Device) -> Result<Self, WeightsError> {
-        Ok(Classifier::new(
-            weights::load(path, device)?,
-            device.clone(),
-        ))
+        Self::load_with(path, device, EngineKind::Auto)
+    }
+
+    /// Maps, validates and builds a model file on `device` with the given engine.
+    pub fn load_with(
+        path: impl AsRef<std::path::Path>,
+        device: &Device,
+        kind: EngineKind,
+    ) -> Result<Self, WeightsError> {
+        let engine = Engine::build(ModelFile::open(path)?, device, kind)?;
+        Ok(Classifier::new(engine, device.clone()))
     }
 
     /// The model's config.
     pub fn config(&self) -> &ModelConfig {
-        self.net.config()
+        self.engine.config()
     }
 
-    /// The network.
-    pub fn net(&self) -> &WaeNet {
-        &self.net
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// The preprocessing.
@@ -81,11 +168,7 @@ impl Classifier {
 
     /// Logits of a normalised `[N, C, H, W]` f32 batch, as f32 rows.
     pub fn logits(&self, batch: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
-        let x = batch.to_dtype(weights::compute_dtype(&self.device))?;
-        self.net
-            .forward_t(&x, false)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec2()
+        Ok(self.engine.logits_timed(batch)?.0)
     }
 
     /// Top-k classes of each picture.
@@ -109,12 +192,8 @@ impl Classifier {
         input: &Tensor,
         k: usize,
     ) -> candle_core::Result<(Vec<Prediction>, StageTimes)> {
-        let x = input.to_dtype(weights::compute_dtype(&self.device))?;
-        let (logits, times) = self.net.forward_timed(&x)?;
-        let row = logits
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let (rows, times) = self.engine.logits_timed(input)?;
+        let row = rows.into_iter().next().unwrap_or_default();
         Ok((top_k(&row, &self.config().labels, k), times))
     }
 }

@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod bench;
 pub mod classifier;
 pub mod config;
+pub mod cpu;
 pub mod dataset;
 pub mod decode;
 pub mod decompose;

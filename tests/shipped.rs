@@ -66,7 +66,9 @@ fn eval_reproduces_the_recorded_test_accuracy() {
         Path::new(DATASET).is_dir(),
         "run scripts/setup.sh: the test needs Debian's dataset-fashion-mnist"
     );
-    for model in shipped() {
+    let models = shipped();
+    assert!(!models.is_empty(), "no models/*/model.safetensors shipped");
+    for model in models {
         let ins: Value = serde_json::from_slice(
             &bin()
                 .args(["inspect", "--json"])

@@ -13,9 +13,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use wae_edge::bench::{self, Bench, BenchReport, Budget};
+use wae_edge::classifier::EngineKind;
 use wae_edge::pipeline::{run_stream, StreamOptions};
 use wae_edge::sources::{open_source, SourceOptions};
 use wae_edge::stats::resident_memory;
+use wae_edge::Classifier;
 
 use super::Placement;
 
@@ -47,6 +49,9 @@ pub struct Args {
     /// fps against the bare model's.
     #[arg(long)]
     pipeline: Option<String>,
+    /// Implementation: auto (native CPU path on the CPU, candle on GPUs) or candle everywhere.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: EngineKind,
     /// One JSON object (last line) instead of a table.
     #[arg(long)]
     json: bool,
@@ -68,22 +73,17 @@ fn table(r: &BenchReport, name: &str) {
 }
 
 /// Bare-model fps and pipeline fps, measured in alternating rounds.
-fn pipeline_overhead(bench: &mut Bench, uri: &str, seconds: f64) -> Result<serde_json::Value> {
-    let clf = wae_edge::Classifier::new(
-        wae_edge::weights::load(&bench.path, bench.input.device())?,
-        bench.input.device().clone(),
-    );
-    let x1 = bench.input.narrow(0, 0, 1)?;
+fn pipeline_overhead(clf: &Classifier, uri: &str, seconds: f64) -> Result<serde_json::Value> {
+    let i = clf.config().input;
+    let x1 =
+        candle_core::Tensor::randn(0f32, 1.0, (1, i.channels, i.height, i.width), clf.device())?;
     let stop = Arc::new(AtomicBool::new(false));
     let (mut bare, mut piped) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         let t = std::time::Instant::now();
         let mut n = 0u64;
         while t.elapsed().as_secs_f64() < seconds / 6.0 {
-            bench
-                .net
-                .forward_t(&x1, false)?
-                .to_dtype(candle_core::DType::F32)?;
+            clf.logits(&x1)?;
             n += 1;
         }
         bare.push(n as f64 / t.elapsed().as_secs_f64());
@@ -97,7 +97,7 @@ fn pipeline_overhead(bench: &mut Bench, uri: &str, seconds: f64) -> Result<serde
         };
         let s = run_stream(
             || open_source(uri, &SourceOptions::default()),
-            &clf,
+            clf,
             &opts,
             &stop,
             |_, _, _| (),
@@ -119,9 +119,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     let device = a.placement.open()?;
-    let mut models = vec![Bench::load(&a.model, &device, a.batch)?];
+    let mut models = vec![Bench::load(&a.model, &device, a.batch, a.engine)?];
     if let Some(b) = &a.baseline {
-        models.push(Bench::load(b, &device, a.batch)?);
+        models.push(Bench::load(b, &device, a.batch, a.engine)?);
     }
     let budget = match (a.iters, a.seconds) {
         (Some(n), _) => Budget::Iters(n),
@@ -139,7 +139,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let reports: Vec<BenchReport> = models.iter().map(Bench::report).collect();
     let pipeline = match &a.pipeline {
         Some(uri) => Some(pipeline_overhead(
-            &mut models[0],
+            &Classifier::load_with(&a.model, &device, a.engine)?,
             uri,
             match budget {
                 Budget::Seconds(s) => s,
@@ -150,7 +150,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     };
     let threads = candle_core::utils::get_num_threads();
     let peak = resident_memory().map(|m| m.1);
-    let mut out = json!({"model": reports[0], "threads": threads, "device": wae_edge::device::describe(&device), "peak_rss_bytes": peak});
+    let mut out = json!({"model": reports[0], "engine": models[0].engine.name(), "threads": threads, "device": wae_edge::device::describe(&device), "peak_rss_bytes": peak});
     if let Some(b) = reports.get(1) {
         out["baseline"] = json!(b);
         out["speedup"] = json!(b.p50_ms / reports[0].p50_ms);
@@ -163,10 +163,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{} threads, batch {}, device {}",
+        "{} threads, batch {}, device {}, engine {}",
         threads,
         a.batch,
-        wae_edge::device::describe(&device)
+        wae_edge::device::describe(&device),
+        models[0].engine.name()
     );
     table(&reports[0], "model");
     if let Some(b) = reports.get(1) {

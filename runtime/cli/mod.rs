@@ -296,11 +296,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let model = model_path(model);
-            let clf = wae_edge::Classifier::load(&model, &Device::Cpu)?;
+            // Layer traces come from candle's modules.
+            let clf = wae_edge::Classifier::load_with(
+                &model,
+                &Device::Cpu,
+                wae_edge::classifier::EngineKind::Candle,
+            )?;
+            let wae_edge::classifier::Engine::Candle(net) = clf.engine() else {
+                bail!("layer analysis needs the candle engine")
+            };
             let test = train::load_split(&dataset, wae_edge::dataset::Split::Test)?;
             let idx: Vec<usize> = (0..images.clamp(2, test.len())).collect();
             let xs = wae_edge::eval::batch_tensor(&clf, &test, &idx)?;
-            for l in wae_edge::depth::analyse(clf.net(), &xs)? {
+            for l in wae_edge::depth::analyse(net, &xs)? {
                 if json {
                     println!("{}", serde_json::to_string(&l)?);
                 } else {
