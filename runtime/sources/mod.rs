@@ -112,6 +112,13 @@ pub fn camera_index(uri: &str) -> Option<u32> {
 
 /// Opens a source from a URI.
 pub fn open_source(uri: &str, opts: &SourceOptions) -> Result<Box<dyn FrameSource>, SourceError> {
+    if let Some(spec) = uri.strip_prefix("synthetic-mjpeg:") {
+        let s = SyntheticSource::parse(spec).map_err(|reason| SourceError::BadUri {
+            uri: uri.into(),
+            reason,
+        })?;
+        return Ok(Box::new(s.into_mjpeg()));
+    }
     if let Some(spec) = uri.strip_prefix("synthetic:") {
         return Ok(Box::new(SyntheticSource::parse(spec).map_err(
             |reason| SourceError::BadUri {
@@ -216,6 +223,11 @@ mod tests {
         let mut s = open_source("synthetic:64x48", &SourceOptions::default()).unwrap();
         assert!(s.describe().contains("64x48"));
         assert!(s.next_frame().unwrap().is_some());
+        let mut m = open_source("synthetic-mjpeg:64x48+2", &SourceOptions::default()).unwrap();
+        let f = m.next_frame().unwrap().unwrap();
+        assert!(matches!(f.data, crate::decode::FrameData::Mjpeg(_)));
+        let img = crate::decode::decode_frame(f.data, None, Path::new("m")).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 48));
         assert!(matches!(
             open_source("synthetic:64", &SourceOptions::default()),
             Err(SourceError::BadUri { .. })

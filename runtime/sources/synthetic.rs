@@ -10,13 +10,19 @@ use super::{Frame, FrameSource, SourceError};
 use crate::decode::FrameData;
 
 /// `synthetic:WxH[@FPS][+N]`: W x H RGB frames, paced at FPS if given, N frames if given.
+/// `synthetic-mjpeg:...` delivers the same frames as Motion-JPEG, like an HD webcam.
 pub struct SyntheticSource {
     background: RgbImage,
     index: u64,
     pace: Option<Duration>,
     limit: Option<u64>,
     next_due: Option<Instant>,
+    /// Pre-encoded JPEG frames, cycled (encoding is not what is being measured).
+    mjpeg: Vec<Vec<u8>>,
 }
+
+/// Frames in the pre-encoded MJPEG ring.
+const MJPEG_RING: u64 = 16;
 
 impl SyntheticSource {
     /// A source of `width` x `height` frames, unpaced and endless.
@@ -32,6 +38,7 @@ impl SyntheticSource {
             pace: None,
             limit: None,
             next_due: None,
+            mjpeg: vec![],
         }
     }
 
@@ -74,6 +81,20 @@ impl SyntheticSource {
         Ok(s)
     }
 
+    /// Switches to Motion-JPEG output (quality 85), pre-encoding a ring of frames.
+    pub fn into_mjpeg(mut self) -> Self {
+        self.mjpeg = (0..MJPEG_RING)
+            .map(|i| {
+                let mut out = Vec::new();
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
+                    .encode_image(&self.render(i))
+                    .expect("encoding to memory");
+                out
+            })
+            .collect();
+        self
+    }
+
     /// Renders frame `i`.
     pub fn render(&self, i: u64) -> RgbImage {
         let mut img = self.background.clone();
@@ -109,11 +130,15 @@ impl FrameSource for SyntheticSource {
             }
             self.next_due = Some(due.max(Instant::now() - p) + p);
         }
-        let img = self.render(self.index);
+        let data = if self.mjpeg.is_empty() {
+            FrameData::Rgb(self.render(self.index))
+        } else {
+            FrameData::Mjpeg(self.mjpeg[(self.index % MJPEG_RING) as usize].clone())
+        };
         let f = Frame {
             index: self.index,
             captured: Instant::now(),
-            data: FrameData::Rgb(img),
+            data,
             name: "synthetic".into(),
         };
         self.index += 1;
@@ -126,9 +151,17 @@ impl FrameSource for SyntheticSource {
 
     fn describe(&self) -> String {
         let (w, h) = self.background.dimensions();
+        let kind = if self.mjpeg.is_empty() {
+            "RGB"
+        } else {
+            "MJPEG"
+        };
         match self.pace {
-            Some(p) => format!("synthetic {w}x{h} RGB at {:.1} fps", 1.0 / p.as_secs_f64()),
-            None => format!("synthetic {w}x{h} RGB, unpaced"),
+            Some(p) => format!(
+                "synthetic {w}x{h} {kind} at {:.1} fps",
+                1.0 / p.as_secs_f64()
+            ),
+            None => format!("synthetic {w}x{h} {kind}, unpaced"),
         }
     }
 }
