@@ -36,7 +36,7 @@ fn hundred_thousand_frames_keep_memory_flat() {
         &stop,
         |_, _, _| {
             n += 1;
-            if n % 5000 == 0 {
+            if n.is_multiple_of(5000) {
                 let rss = wae_edge::stats::resident_memory().map_or(0, |m| m.0);
                 println!("soak frame {n:>6} rss_bytes {rss}");
                 samples.push(rss);
