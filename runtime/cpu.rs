@@ -76,15 +76,14 @@ impl Conv3 {
         let (oh, ow) = (out_side(x.h, self.stride), out_side(x.w, self.stride));
         let k = 9 * self.cin;
         let pixels = oh * ow;
-        let tile = (TILE_BYTES / (4 * k)).clamp(16, pixels.max(16));
-        let mut out = vec![0f32; pixels * self.cout];
-        // One tile: let the GEMM itself use the cores when the product is big enough.
+        let mut tile = (TILE_BYTES / (4 * k)).clamp(16, pixels.max(16));
+        // A map that fits one tile but is worth splitting: one tile per core.
+        let threads = rayon::current_num_threads().max(1);
+        if pixels <= tile * threads && pixels * k * self.cout > (1 << 20) {
+            tile = pixels.div_ceil(threads).max(16);
+        }
         let single = pixels <= tile;
-        let par = if single && pixels * k * self.cout > (1 << 21) {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        } else {
-            gemm::Parallelism::None
-        };
+        let mut out = vec![0f32; pixels * self.cout];
         let run_tile = |(t, dst): (usize, &mut [f32])| {
             let p0 = t * tile;
             let rows = dst.len() / self.cout;
@@ -128,7 +127,7 @@ impl Conv3 {
                     false,
                     false,
                     false,
-                    par,
+                    gemm::Parallelism::None,
                 );
             }
             for px in dst.chunks_exact_mut(self.cout) {
