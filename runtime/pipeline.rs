@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::classifier::{Classifier, Prediction};
 use crate::decode::decode_frame;
 use crate::sources::{Frame, FrameSource, SourceError};
-use crate::stats::{summarize, Summary};
+use crate::stats::{LatencyHistogram, Summary};
 
 /// Stage names, in pipeline order.
 pub const STAGES: [&str; 8] = [
@@ -267,8 +267,11 @@ pub fn run_stream(
         .scaled_decode
         .then_some((input.width as u32, input.height as u32));
     let start = Instant::now();
-    let mut samples: BTreeMap<&'static str, Vec<Duration>> =
-        STAGES.iter().map(|s| (*s, Vec::new())).collect();
+    // Constant memory however long the stream runs.
+    let mut samples: BTreeMap<&'static str, LatencyHistogram> = STAGES
+        .iter()
+        .map(|s| (*s, LatencyHistogram::default()))
+        .collect();
     let mut meter = FpsMeter::new(Duration::from_secs(2));
     let (mut frames, mut dropped_before, mut reconnects) = (0u64, 0u64, 0u64);
     let mut backoff = Duration::from_millis(250);
@@ -326,7 +329,7 @@ pub fn run_stream(
             .chain(st.named())
             .chain([("total", t4 - t0)])
             {
-                samples.get_mut(name).expect("known stage").push(d);
+                samples.get_mut(name).expect("known stage").record(d);
                 stage_ms.insert(name, ms(d));
             }
             frames += 1;
@@ -379,7 +382,7 @@ pub fn run_stream(
         frames,
         fps,
         dropped: dropped_before,
-        stages: samples.iter().map(|(k, v)| (*k, summarize(v))).collect(),
+        stages: samples.iter().map(|(k, v)| (*k, v.summary())).collect(),
         reconnects,
     })
 }
