@@ -191,6 +191,16 @@ pub fn make_batch(
     Ok((x, y))
 }
 
+/// How many rows of `logits` have their maximum at the label in `y`.
+fn count_correct(logits: &Tensor, y: &Tensor) -> candle_core::Result<usize> {
+    let hits = logits
+        .argmax(D::Minus1)?
+        .eq(y)?
+        .to_dtype(DType::F32)?
+        .sum_all()?;
+    Ok(hits.to_scalar::<f32>()? as usize)
+}
+
 /// Trainable variables of a stage (batch-norm running statistics are never trained).
 fn stage_vars(vm: &VarMap, stage: Stage, kind: ArchKind) -> Vec<candle_core::Var> {
     let data = vm.data().lock().expect("varmap lock");
@@ -291,12 +301,7 @@ impl Nets {
             let f_low = self.net.backbone(&low, false)?;
             let f_high = self.net.branch(high.as_ref(), false)?;
             let logits = self.net.heads(&f_low, f_high.as_ref(), false)?;
-            correct += logits
-                .argmax(D::Minus1)?
-                .eq(&y)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()? as usize;
+            correct += count_correct(&logits, &y)?;
             batches += 1;
         }
         let n = batches.max(1) as f64;
@@ -472,12 +477,7 @@ pub fn train(
                 loss_sum += l * chunk.len() as f64;
                 seen += chunk.len();
                 if let Some(logits) = logits {
-                    correct += logits
-                        .argmax(D::Minus1)?
-                        .eq(&y)?
-                        .to_dtype(DType::F32)?
-                        .sum_all()?
-                        .to_scalar::<f32>()? as usize;
+                    correct += count_correct(&logits, &y)?;
                 }
                 bar.inc(1);
                 if step % 10 == 0 {
