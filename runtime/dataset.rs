@@ -221,9 +221,136 @@ pub fn fashion_mnist(dir: &Path, split: Split) -> Result<Dataset, DatasetError> 
     read_idx_pair(&find("images-idx3-ubyte"), &find("labels-idx1-ubyte"))
 }
 
+/// Images from `dir/<class>/*.{png,jpg,jpeg}` (classes sorted by name), decoded with the usual
+/// size caps and resized to `input` (channels converted as the model expects).
+pub fn image_folder(dir: &Path, input: crate::config::InputSpec) -> Result<Dataset, DatasetError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |cause| DatasetError::Io { path, cause }
+    };
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    classes.sort();
+    if classes.is_empty() || classes.len() > 256 {
+        return Err(DatasetError::Corrupt {
+            path: dir.into(),
+            reason: format!(
+                "{} class directories; an image folder needs 1 to 256",
+                classes.len()
+            ),
+        });
+    }
+    let config = crate::config::ModelConfig {
+        input,
+        preprocess: crate::config::Preprocess {
+            resize: crate::config::ResizeMode::Stretch,
+            mean: vec![0.0; input.channels],
+            std: vec![1.0; input.channels],
+        },
+        ..crate::config::preset("plain-fashion").expect("preset exists")
+    };
+    let pre = crate::preprocess::Preprocessor::new(&config);
+    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+    for (label, class_dir) in classes.iter().enumerate() {
+        let files =
+            crate::sources::expand_inputs(std::slice::from_ref(class_dir)).map_err(|e| {
+                DatasetError::Corrupt {
+                    path: class_dir.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        for f in files {
+            let img = crate::preprocess::load_image(&f).map_err(|e| DatasetError::Corrupt {
+                path: f.clone(),
+                reason: e.to_string(),
+            })?;
+            let img = pre.resize(&img);
+            let (c, plane) = (input.channels, input.height * input.width);
+            let mut planar = vec![0u8; c * plane];
+            for (i, px) in img.as_bytes().chunks_exact(c).enumerate() {
+                for (ch, &v) in px.iter().enumerate() {
+                    planar[ch * plane + i] = v;
+                }
+            }
+            pixels.extend(planar);
+            labels.push(label as u8);
+        }
+    }
+    let classes = classes
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        })
+        .collect();
+    Ok(Dataset {
+        pixels,
+        labels,
+        channels: input.channels,
+        height: input.height,
+        width: input.width,
+        classes,
+    })
+}
+
+/// A dataset directory of either layout: the four Fashion-MNIST IDX files, or `train/` and
+/// `test/` image folders with one sub-directory per class (resized to `input`).
+pub fn load(
+    dir: &Path,
+    split: Split,
+    input: crate::config::InputSpec,
+) -> Result<Dataset, DatasetError> {
+    let sub = match split {
+        Split::Train => "train",
+        Split::Test => "test",
+    };
+    if dir.join(sub).is_dir() {
+        image_folder(&dir.join(sub), input)
+    } else {
+        fashion_mnist(dir, split)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_folders_load_sorted_classes_at_the_input_size() {
+        let d = tempfile::tempdir().unwrap();
+        for (class, n) in [("cat", 2), ("ant", 3)] {
+            let cd = d.path().join("train").join(class);
+            std::fs::create_dir_all(&cd).unwrap();
+            for i in 0..n {
+                image::RgbImage::from_pixel(40, 30, image::Rgb([200, 10, 10]))
+                    .save(cd.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+        let input = crate::config::InputSpec {
+            channels: 1,
+            height: 28,
+            width: 28,
+        };
+        let ds = load(d.path(), Split::Train, input).unwrap();
+        assert_eq!(ds.classes, ["ant", "cat"]);
+        assert_eq!(ds.labels, [0, 0, 0, 1, 1]);
+        assert_eq!(
+            (ds.channels, ds.height, ds.width, ds.image(4).len()),
+            (1, 28, 28, 784)
+        );
+        std::fs::write(d.path().join("train/cat/bad.png"), b"garbage").unwrap();
+        let e = load(d.path(), Split::Train, input).unwrap_err().to_string();
+        assert!(e.contains("bad.png"), "{e}");
+        assert!(matches!(
+            load(d.path(), Split::Test, input),
+            Err(DatasetError::Io { .. })
+        ));
+    }
 
     fn idx(magic: u32, dims: &[u32], body: &[u8]) -> Vec<u8> {
         let mut v = magic.to_be_bytes().to_vec();

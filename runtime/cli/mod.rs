@@ -227,7 +227,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         #[cfg(feature = "train")]
         Command::Entropy { dataset, json } => {
-            let ds = train::load_split(&dataset, wae_edge::dataset::Split::Train)?;
+            // Entropy is of the pixels as stored: IDX images as they are, folders at 28x28 gray.
+            let input = wae_edge::config::InputSpec {
+                channels: 1,
+                height: 28,
+                width: 28,
+            };
+            let ds = train::load_split(&dataset, wae_edge::dataset::Split::Train, input)?;
             let r = wae_edge::entropy::dataset_entropy(&ds);
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -305,7 +311,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let wae_edge::classifier::Engine::Candle(net) = clf.engine() else {
                 bail!("layer analysis needs the candle engine")
             };
-            let test = train::load_split(&dataset, wae_edge::dataset::Split::Test)?;
+            let test =
+                train::load_split(&dataset, wae_edge::dataset::Split::Test, clf.config().input)?;
             let idx: Vec<usize> = (0..images.clamp(2, test.len())).collect();
             let xs = wae_edge::eval::batch_tensor(&clf, &test, &idx)?;
             for l in wae_edge::depth::analyse(net, &xs)? {

@@ -41,7 +41,8 @@ pub struct TrainArgs {
     /// Override the backbone, e.g. "32,32/64,64/128" (stages split by '/').
     #[arg(long)]
     backbone: Option<String>,
-    /// `fashion-mnist` (Debian's dataset-fashion-mnist) or a directory of IDX files.
+    /// `fashion-mnist` (Debian's dataset-fashion-mnist), a directory of IDX files, or a
+    /// directory with `train/` and `test/` image folders (one sub-directory per class).
     #[arg(long, default_value = "fashion-mnist")]
     dataset: String,
     /// Run directory: checkpoint, state, metrics.csv, curve.svg, model.safetensors.
@@ -120,8 +121,8 @@ pub fn dataset_dir(spec: &str) -> PathBuf {
     }
 }
 
-/// Loads one split, with a hint when Debian's package is missing.
-pub fn load_split(spec: &str, split: Split) -> Result<Dataset> {
+/// Loads one split at the input size, with a hint when Debian's package is missing.
+pub fn load_split(spec: &str, split: Split, input: wae_edge::config::InputSpec) -> Result<Dataset> {
     let dir = dataset_dir(spec);
     if !dir.is_dir() {
         anyhow::bail!(
@@ -134,7 +135,7 @@ pub fn load_split(spec: &str, split: Split) -> Result<Dataset> {
             }
         );
     }
-    Ok(dataset::fashion_mnist(&dir, split)?)
+    Ok(dataset::load(&dir, split, input)?)
 }
 
 fn parse_backbone(s: &str) -> Result<Vec<Vec<usize>>> {
@@ -152,8 +153,8 @@ fn parse_backbone(s: &str) -> Result<Vec<Vec<usize>>> {
 }
 
 fn test_accuracy(model: &Path, spec: &str, batch: usize) -> Result<wae_edge::eval::EvalReport> {
-    let test = load_split(spec, Split::Test)?;
     let clf = Classifier::load(model, &Device::Cpu)?;
+    let test = load_split(spec, Split::Test, clf.config().input)?;
     Ok(evaluate(&clf, &test, batch, |_| ())?)
 }
 
@@ -182,7 +183,7 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
         config.arch.backbone = parse_backbone(b)?;
     }
     config.validate()?;
-    let train_set = load_split(&a.dataset, Split::Train)?;
+    let train_set = load_split(&a.dataset, Split::Train, config.input)?;
     let options = TrainOptions {
         config,
         dataset_name: a.dataset.clone(),
@@ -253,7 +254,7 @@ pub fn run_eval(a: EvalArgs) -> Result<ExitCode> {
     let device = a.placement.open()?;
     let model = model_path(a.model);
     let clf = Classifier::load(&model, &device)?;
-    let test = load_split(&a.dataset, Split::Test)?;
+    let test = load_split(&a.dataset, Split::Test, clf.config().input)?;
     let bar = ProgressBar::new(test.len() as u64);
     let r = evaluate(&clf, &test, a.batch, |n| bar.inc(n as u64))
         .with_context(|| model.display().to_string())?;
