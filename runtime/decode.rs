@@ -101,6 +101,12 @@ fn decode_mjpeg(
     let pixels = dec.decode().map_err(err)?;
     let info = dec.info().expect("info after decode");
     let (w, h) = (u32::from(info.width), u32::from(info.height));
+    if w == 0 || h == 0 {
+        return Err(ImageError::Decode {
+            path: name.into(),
+            reason: "zero-sized JPEG frame".into(),
+        });
+    }
     let bad = || ImageError::Decode {
         path: name.into(),
         reason: "JPEG data shorter than its header".into(),
@@ -121,7 +127,11 @@ fn decode_mjpeg(
 
 /// YUYV 4:2:2 to RGB with the BT.601 limited-range matrix webcams use; None if the size is wrong.
 pub fn yuyv_to_rgb(width: u32, height: u32, bytes: &[u8]) -> Option<RgbImage> {
-    if !width.is_multiple_of(2) || bytes.len() != (width as usize) * (height as usize) * 2 {
+    if width == 0
+        || height == 0
+        || !width.is_multiple_of(2)
+        || bytes.len() != (width as usize) * (height as usize) * 2
+    {
         return None;
     }
     let mut out = Vec::with_capacity(bytes.len() / 2 * 3);
@@ -194,5 +204,6 @@ mod tests {
         assert!(p[0] > 200 && p[1] < 40 && p[2] < 40, "{p:?}");
         assert!(yuyv_to_rgb(2, 2, &[0; 4]).is_none());
         assert!(yuyv_to_rgb(3, 1, &[0; 6]).is_none());
+        assert!(yuyv_to_rgb(0, 4, &[]).is_none());
     }
 }

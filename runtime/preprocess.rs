@@ -5,7 +5,6 @@ use std::io::{BufRead, Cursor, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use image::imageops::FilterType;
 use image::{DynamicImage, ImageReader, Limits};
 
 use crate::config::{InputSpec, ModelConfig, Preprocess, ResizeMode};
@@ -69,7 +68,7 @@ fn decode_reader<R: BufRead + Seek>(
             cause,
         })?;
     reader.limits(limits());
-    reader.decode().map_err(|e| match e {
+    let img = reader.decode().map_err(|e| match e {
         image::ImageError::Limits(l) => ImageError::TooLarge {
             path: path.into(),
             reason: l.to_string(),
@@ -82,7 +81,14 @@ fn decode_reader<R: BufRead + Seek>(
             path: path.into(),
             reason: other.to_string(),
         },
-    })
+    })?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(ImageError::Decode {
+            path: path.into(),
+            reason: "zero-sized image".into(),
+        });
+    }
+    Ok(img)
 }
 
 /// Decodes an image file (format guessed from its content), refusing absurd dimensions.
@@ -124,35 +130,36 @@ impl Preprocessor {
     /// Resizes (per the resize policy) to the input size, keeping the input's channel count.
     pub fn resize(&self, img: &DynamicImage) -> DynamicImage {
         let (w, h) = (self.input.width as u32, self.input.height as u32);
-        // Frames much larger than the input (a 640x480 camera frame for a 28x28 model) are first
-        // shrunk, aspect kept, with image's fast integer box filter to about twice the input;
-        // the filtered resize below then costs little.
-        let s = f64::max(
-            2.0 * w as f64 / img.width() as f64,
-            2.0 * h as f64 / img.height() as f64,
-        );
-        let shrunk;
-        let img = if s <= 0.25 {
-            let (sw, sh) = (
-                (img.width() as f64 * s).ceil() as u32,
-                (img.height() as f64 * s).ceil() as u32,
-            );
-            shrunk = img.thumbnail_exact(sw.max(w), sh.max(h));
-            &shrunk
-        } else {
-            img
+        // Resize first, in the frame's own 8-bit layout, with fast_image_resize's SIMD
+        // convolution (bilinear, support scaled with the ratio, so large shrinks are
+        // anti-aliased); converting channels afterwards touches only the small image.
+        let src = match img {
+            DynamicImage::ImageLuma8(_)
+            | DynamicImage::ImageRgb8(_)
+            | DynamicImage::ImageRgba8(_) => None,
+            other => Some(DynamicImage::ImageRgb8(other.to_rgb8())),
         };
-        let img = if self.input.channels == 1 {
-            DynamicImage::ImageLuma8(img.to_luma8())
+        let src = src.as_ref().unwrap_or(img);
+        let small = if src.width() == w && src.height() == h {
+            src.clone()
         } else {
-            DynamicImage::ImageRgb8(img.to_rgb8())
+            let mut dst = DynamicImage::new(w, h, src.color());
+            let alg =
+                fast_image_resize::ResizeAlg::Convolution(fast_image_resize::FilterType::Bilinear);
+            let mut opts = fast_image_resize::ResizeOptions::new().resize_alg(alg);
+            if self.pre.resize == ResizeMode::CenterCrop {
+                opts = opts.fit_into_destination(Some((0.5, 0.5)));
+            }
+            match fast_image_resize::Resizer::new().resize(src, &mut dst, &opts) {
+                Ok(()) => dst,
+                // Only degenerate sizes get here (decoders refuse zero-sized images).
+                Err(_) => src.resize_exact(w, h, image::imageops::FilterType::Triangle),
+            }
         };
-        if img.width() == w && img.height() == h {
-            return img;
-        }
-        match self.pre.resize {
-            ResizeMode::Stretch => img.resize_exact(w, h, FilterType::Triangle),
-            ResizeMode::CenterCrop => img.resize_to_fill(w, h, FilterType::Triangle),
+        if self.input.channels == 1 {
+            DynamicImage::ImageLuma8(small.to_luma8())
+        } else {
+            DynamicImage::ImageRgb8(small.to_rgb8())
         }
     }
 
