@@ -19,12 +19,7 @@ fn json_lines_have_input_top_and_ms() {
         model,
         img,
     } = fixture();
-    let out = bin()
-        .args(["classify", "--json", "--top-k", "10", "--model"])
-        .arg(&model)
-        .arg(&img)
-        .output()
-        .unwrap();
+    let out = classify_json(&model, &img, &["--top-k", "10"]);
     assert_success(&out);
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 1);
@@ -85,30 +80,15 @@ fn directories_and_globs_expand_and_one_bad_file_fails_the_run() {
         sample_png(&imgs, n);
     }
     std::fs::write(imgs.join("readme.txt"), "not an image").unwrap();
-    let out = bin()
-        .args(["classify", "--json", "--model"])
-        .arg(&model)
-        .arg(&imgs)
-        .output()
-        .unwrap();
+    let out = classify_json(&model, &imgs, &[]);
     assert!(out.status.success());
     assert_eq!(json_lines(&out).len(), 3);
     let glob = imgs.join("[12].png");
-    let out = bin()
-        .args(["classify", "--json", "--model"])
-        .arg(&model)
-        .arg(&glob)
-        .output()
-        .unwrap();
+    let out = classify_json(&model, &glob, &[]);
     assert_eq!(json_lines(&out).len(), 2);
     // A corrupt image among good ones: the good ones are still classified, the run fails.
     std::fs::write(imgs.join("4.png"), b"\x89PNG\r\n\x1a\n garbage").unwrap();
-    let out = bin()
-        .args(["classify", "--json", "--model"])
-        .arg(&model)
-        .arg(&imgs)
-        .output()
-        .unwrap();
+    let out = classify_json(&model, &imgs, &[]);
     assert_eq!(json_lines(&out).len(), 3);
     assert_clean_failure(&out, "4.png");
 }
@@ -121,16 +101,7 @@ fn decoder_tensors_are_never_read() {
     assert!(raws.iter().any(|(n, _)| n.starts_with("decoder.")));
     let good = d.path().join("good.safetensors");
     write_model(&good, &cfg, &raws);
-    let garbage: Vec<_> = raws
-        .iter()
-        .map(|(n, r)| {
-            let mut r = r.clone();
-            if n.starts_with("decoder.") {
-                r.data.iter_mut().for_each(|b| *b = 0xff); // every value NaN
-            }
-            (n.clone(), r)
-        })
-        .collect();
+    let garbage = with_nan(&raws, |n| n.starts_with("decoder."));
     let garbled = d.path().join("garbled.safetensors");
     write_model(&garbled, &cfg, &garbage);
     let stripped = d.path().join("stripped.safetensors");
@@ -145,12 +116,7 @@ fn decoder_tensors_are_never_read() {
     );
     let img = sample_png(d.path(), "x.png");
     let top = |m: &std::path::Path| {
-        let out = bin()
-            .args(["classify", "--json", "--top-k", "10", "--model"])
-            .arg(m)
-            .arg(&img)
-            .output()
-            .unwrap();
+        let out = classify_json(m, &img, &["--top-k", "10"]);
         assert!(
             out.status.success(),
             "{}: {}",

@@ -114,3 +114,29 @@ pub fn fixture() -> Fixture {
     let img = sample_png(dir.path(), "a.png");
     Fixture { dir, model, img }
 }
+
+/// `wae-edge classify --json [extra...] --model MODEL INPUT`.
+pub fn classify_json(model: &Path, input: &Path, extra: &[&str]) -> std::process::Output {
+    bin()
+        .arg("classify")
+        .arg("--json")
+        .args(extra)
+        .arg("--model")
+        .arg(model)
+        .arg(input)
+        .output()
+        .unwrap()
+}
+
+/// The tensors with every byte of those whose name passes `pick` set to 0xff (all NaN in f16).
+pub fn with_nan(raws: &[(String, Raw)], pick: impl Fn(&str) -> bool) -> Vec<(String, Raw)> {
+    raws.iter()
+        .map(|(n, r)| {
+            let mut r = r.clone();
+            if pick(n) {
+                r.data.iter_mut().for_each(|b| *b = 0xff);
+            }
+            (n.clone(), r)
+        })
+        .collect()
+}
