@@ -25,12 +25,19 @@ pub struct Macs {
 impl Macs {
     /// Inference MACs without the encoder, the figure the paper's Table 1 reports.
     pub fn without_encoder(&self) -> u64 {
-        self.total - self.encoder
+        self.total.saturating_sub(self.encoder)
     }
 }
 
+/// Product in u64, saturating: counts stay exact on 32-bit targets where usize would overflow.
+fn product(factors: &[usize]) -> u64 {
+    factors
+        .iter()
+        .fold(1u64, |acc, &f| acc.saturating_mul(f as u64))
+}
+
 fn conv(c_in: usize, c_out: usize, k: usize, h_out: usize, w_out: usize) -> u64 {
-    (c_in * c_out * k * k * h_out * w_out) as u64
+    product(&[c_in, c_out, k, k, h_out, w_out])
 }
 
 /// MACs of a VGG stack and the channels it ends with.
@@ -40,10 +47,10 @@ fn stack(
     (mut h, mut w): (usize, usize),
     ceil: bool,
 ) -> (u64, usize) {
-    let (mut macs, mut c) = (0, c_in);
+    let (mut macs, mut c) = (0u64, c_in);
     for stage in stages {
         for &width in stage {
-            macs += conv(c, width, 3, h, w);
+            macs = macs.saturating_add(conv(c, width, 3, h, w));
             c = width;
         }
         (h, w) = (pool_out(h, ceil), pool_out(w, ceil));
@@ -55,7 +62,7 @@ fn mlp(c_in: usize, hidden: &[usize], classes: usize) -> u64 {
     let mut c = c_in;
     let mut macs = 0u64;
     for &h in hidden.iter().chain(std::iter::once(&classes)) {
-        macs += (c * h) as u64;
+        macs = macs.saturating_add(product(&[c, h]));
         c = h;
     }
     macs
@@ -71,18 +78,18 @@ pub fn count(config: &ModelConfig) -> Macs {
         ArchKind::Plain | ArchKind::NaiveHalf => 0,
         ArchKind::Haar => conv(c, 4 * c, 2, hh, hw),
         ArchKind::Wae => {
-            let mut macs = 0;
+            let mut macs = 0u64;
             let mut c_in = c;
             for &width in &a.encoder {
-                macs += conv(c_in, width, 3, h, w);
+                macs = macs.saturating_add(conv(c_in, width, 3, h, w));
                 c_in = width;
             }
-            macs + 2 * conv(c_in, c, 3, hh, hw)
+            macs.saturating_add(conv(c_in, c, 3, hh, hw).saturating_mul(2))
         }
     };
     let (backbone, c_low) = stack(c, &a.backbone, (hh, hw), a.pool_ceil);
     let (fh, fw) = config.feature_size();
-    let mut heads = mlp(c_low * fh * fw, &a.head_low, config.classes);
+    let mut heads = mlp(c_low.saturating_mul(fh * fw), &a.head_low, config.classes);
     let (mut branch, mut decoder) = (0, 0);
     if a.kind.has_branch() {
         let (m, c_high) = stack(
@@ -92,11 +99,15 @@ pub fn count(config: &ModelConfig) -> Macs {
             a.pool_ceil,
         );
         branch = m;
-        heads += mlp((c_low + c_high) * fh * fw, &a.head_fuse, config.classes);
+        heads = heads.saturating_add(mlp(
+            (c_low + c_high).saturating_mul(fh * fw),
+            &a.head_fuse,
+            config.classes,
+        ));
         let d = &a.decoder;
         decoder = conv(c + config.high_channels(), d.width, 2, hh, hw)
-            + d.convs as u64 * conv(d.width, d.width, 3, h, w)
-            + conv(d.width, c, 3, h, w);
+            .saturating_add(conv(d.width, d.width, 3, h, w).saturating_mul(d.convs as u64))
+            .saturating_add(conv(d.width, c, 3, h, w));
     }
     Macs {
         encoder,
@@ -104,7 +115,10 @@ pub fn count(config: &ModelConfig) -> Macs {
         branch,
         heads,
         decoder,
-        total: encoder + backbone + branch + heads,
+        total: encoder
+            .saturating_add(backbone)
+            .saturating_add(branch)
+            .saturating_add(heads),
     }
 }
 
@@ -127,6 +141,22 @@ mod tests {
         assert!((g(wae.encoder) - 0.264).abs() < 0.01, "{}", g(wae.encoder));
         assert!((g(vgg.total) - 15.4).abs() < 0.1, "{}", g(vgg.total));
         assert_eq!(vgg.encoder + vgg.branch + vgg.decoder, 0);
+    }
+
+    #[test]
+    fn counts_at_the_validation_caps_are_exact() {
+        let mut c = preset("plain-fashion").unwrap();
+        c.input.height = 4096;
+        c.input.width = 4096;
+        c.arch.backbone = vec![vec![16384, 16384]];
+        c.validate().unwrap();
+        // 1 -> 16384 and 16384 -> 16384 3x3 convs on 4096x4096: fits u64 (usize on 32-bit
+        // targets would not, hence the saturating arithmetic).
+        let side = 4096u64 * 4096;
+        assert_eq!(
+            count(&c).backbone,
+            16384 * 9 * side + 16384 * 16384 * 9 * side
+        );
     }
 
     #[test]

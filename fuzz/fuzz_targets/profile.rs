@@ -1,0 +1,9 @@
+//! Firmware-profile parsing and validation.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = wae_edge::profiles::Profile::parse(text, std::path::Path::new("fuzz.toml"));
+    }
+});
