@@ -32,9 +32,7 @@ fn main() -> Result<()> {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
         let path = out.join(format!("{class:02}_{slug}.png"));
-        let mut png = Vec::new();
-        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-        wae_edge::atomic::write(&path, &png)?;
+        wae_edge::atomic::write_png(&path, &image::DynamicImage::ImageLuma8(img))?;
         println!("{} (test image {i})", path.display());
     }
     Ok(())

@@ -9,6 +9,14 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_with(path, |w| w.write_all(bytes))
 }
 
+/// Encodes `img` as PNG and writes it atomically.
+pub fn write_png(path: &Path, img: &image::DynamicImage) -> std::io::Result<()> {
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(std::io::Error::other)?;
+    write(path, &png)
+}
+
 /// Lets `fill` write into a temporary file, then flushes, syncs and renames it to `path`.
 /// On any error the temporary file is removed and `path` is untouched.
 pub fn write_with(

@@ -244,16 +244,15 @@ pub fn image_folder(dir: &Path, input: crate::config::InputSpec) -> Result<Datas
             ),
         });
     }
-    let config = crate::config::ModelConfig {
+    // Only the resize policy matters here: the dataset keeps 8-bit pixels.
+    let pre = crate::preprocess::Preprocessor::from_parts(
         input,
-        preprocess: crate::config::Preprocess {
+        crate::config::Preprocess {
             resize: crate::config::ResizeMode::Stretch,
             mean: vec![0.0; input.channels],
             std: vec![1.0; input.channels],
         },
-        ..crate::config::preset("plain-fashion").expect("preset exists")
-    };
-    let pre = crate::preprocess::Preprocessor::new(&config);
+    );
     let (mut pixels, mut labels) = (Vec::new(), Vec::new());
     for (label, class_dir) in classes.iter().enumerate() {
         let files =
@@ -268,15 +267,7 @@ pub fn image_folder(dir: &Path, input: crate::config::InputSpec) -> Result<Datas
                 path: f.clone(),
                 reason: e.to_string(),
             })?;
-            let img = pre.resize(&img);
-            let (c, plane) = (input.channels, input.height * input.width);
-            let mut planar = vec![0u8; c * plane];
-            for (i, px) in img.as_bytes().chunks_exact(c).enumerate() {
-                for (ch, &v) in px.iter().enumerate() {
-                    planar[ch * plane + i] = v;
-                }
-            }
-            pixels.extend(planar);
+            pixels.extend(pre.planar_u8(&img));
             labels.push(label as u8);
         }
     }

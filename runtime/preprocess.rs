@@ -121,10 +121,12 @@ pub struct Preprocessor {
 impl Preprocessor {
     /// The preprocessing a model's config asks for.
     pub fn new(config: &ModelConfig) -> Self {
-        Preprocessor {
-            input: config.input,
-            pre: config.preprocess.clone(),
-        }
+        Self::from_parts(config.input, config.preprocess.clone())
+    }
+
+    /// Preprocessing for an input geometry and policy, without a whole model config.
+    pub fn from_parts(input: InputSpec, pre: Preprocess) -> Self {
+        Preprocessor { input, pre }
     }
 
     /// Resizes (per the resize policy) to the input size, keeping the input's channel count.
@@ -165,6 +167,14 @@ impl Preprocessor {
 
     /// Planar normalised values `(p / 255 - mean[c]) / std[c]` of a picture.
     pub fn to_vec(&self, img: &DynamicImage) -> Vec<f32> {
+        let planar = self.planar_u8(img);
+        let mut out = Vec::with_capacity(planar.len());
+        self.normalize_planar(&planar, &mut out);
+        out
+    }
+
+    /// A picture resized to the input and laid out planar (`[C, H, W]`), still 8-bit.
+    pub fn planar_u8(&self, img: &DynamicImage) -> Vec<u8> {
         let img = self.resize(img);
         let c = self.input.channels;
         let plane = self.input.height * self.input.width;
@@ -174,9 +184,7 @@ impl Preprocessor {
                 planar[ch * plane + i] = v;
             }
         }
-        let mut out = Vec::with_capacity(planar.len());
-        self.normalize_planar(&planar, &mut out);
-        out
+        planar
     }
 
     /// Appends the normalised values of planar u8 pixels already at the input size

@@ -213,9 +213,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ("strip", &strip),
             ] {
                 let path = output.join(format!("{stem}_{part}.png"));
-                let mut png = Vec::new();
-                pic.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-                wae_edge::atomic::write(&path, &png)
+                wae_edge::atomic::write_png(&path, pic)
                     .with_context(|| format!("writing {}", path.display()))?;
                 println!("{}", path.display());
             }
@@ -264,8 +262,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => {
             let model = model_path(model);
-            let net = weights::load(&model, &Device::Cpu)?;
-            let i = net.config().input;
+            // The same engine `bench` times, so the peer check validates what is measured.
+            let clf = wae_edge::Classifier::load(&model, &Device::Cpu)?;
+            let i = clf.config().input;
             let raw =
                 std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
             let per = 4 * i.channels * i.height * i.width;
@@ -288,8 +287,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 (raw.len() / per, i.channels, i.height, i.width),
                 &Device::Cpu,
             )?;
-            let y = net.forward_t(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
-            let bytes: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let bytes: Vec<u8> = clf
+                .logits(&x)?
+                .iter()
+                .flatten()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
             wae_edge::atomic::write(&output, &bytes)
                 .with_context(|| format!("writing {}", output.display()))?;
             Ok(ExitCode::SUCCESS)

@@ -195,12 +195,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
                         scale,
                     );
                     let path = dir.join(format!("frame_{:06}.png", r.frame));
-                    let mut png = Vec::new();
-                    let res = rgb
-                        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|_| Ok(wae_edge::atomic::write(&path, &png)?))
-                        .with_context(|| format!("writing {}", path.display()));
+                    let res =
+                        wae_edge::atomic::write_png(&path, &image::DynamicImage::ImageRgb8(rgb))
+                            .with_context(|| format!("writing {}", path.display()));
                     if let Err(e) = res {
                         stop.store(true, Ordering::Relaxed);
                         save_error = Some(e);

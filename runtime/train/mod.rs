@@ -396,7 +396,7 @@ pub fn train(
     // Create every tensor deterministically, then train them as variables.
     let init = SeededInit::new(options.seed);
     WaeNet::new(&cfg, init.var_builder())?;
-    if cfg.arch.kind.has_branch() && cfg.arch.kind == ArchKind::Wae {
+    if cfg.arch.kind == ArchKind::Wae {
         Decoder::new(&cfg, init.var_builder().pp("decoder"))?;
     }
     let mut vm = init.into_varmap(&dev)?;
