@@ -63,6 +63,7 @@ fn options(config: ModelConfig) -> TrainOptions {
         gamma: 0.001,
         batch: 16,
         lr: 3e-3,
+        joint_lr_scale: 0.1,
         weight_decay: 0.0,
         seed: 1,
         val: 32,

@@ -27,7 +27,7 @@ pub struct Args {
     /// Model to time.
     #[arg(long)]
     model: PathBuf,
-    /// A second model timed in the same run, alternating; reports the speed-up.
+    /// A second model timed in the same run, in alternating rounds; reports the speed-up.
     #[arg(long)]
     baseline: Option<PathBuf>,
     /// Images per forward pass.

@@ -72,6 +72,9 @@ pub struct TrainArgs {
     /// Peak learning rate (cosine decay per stage).
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
+    /// Peak learning rate of the joint stage as a fraction of --lr.
+    #[arg(long, default_value_t = 0.1)]
+    joint_lr_scale: f64,
     /// AdamW weight decay.
     #[arg(long, default_value_t = 5e-4)]
     weight_decay: f64,
@@ -194,6 +197,7 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
         gamma: a.gamma,
         batch: a.batch,
         lr: a.lr,
+        joint_lr_scale: a.joint_lr_scale,
         weight_decay: a.weight_decay,
         seed: a.seed,
         val: a.val,
@@ -225,6 +229,7 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
         "gamma": options.gamma,
         "batch": options.batch,
         "lr": options.lr,
+        "joint_lr_scale": options.joint_lr_scale,
         "weight_decay": options.weight_decay,
         "seed": options.seed,
         "augment": options.augment,

@@ -60,6 +60,10 @@ pub struct TrainOptions {
     pub batch: usize,
     /// Peak learning rate (cosine decay within each stage).
     pub lr: f64,
+    /// The joint stage's peak learning rate as a fraction of `lr`: it fine-tunes networks the
+    /// earlier stages trained, and a full restart undoes part of their progress.
+    #[serde(default = "one")]
+    pub joint_lr_scale: f64,
     /// AdamW weight decay.
     pub weight_decay: f64,
     /// Seed for weights, shuffling, validation split and augmentation.
@@ -70,6 +74,11 @@ pub struct TrainOptions {
     pub limit: Option<usize>,
     /// Random flips and +-2 px shifts.
     pub augment: bool,
+}
+
+/// Runs checkpointed before `joint_lr_scale` existed restarted the joint stage at full rate.
+fn one() -> f64 {
+    1.0
 }
 
 /// One epoch's numbers, one CSV row.
@@ -434,8 +443,12 @@ pub fn train(
             continue;
         }
         let vars = stage_vars(&vm, stage, cfg.arch.kind);
+        let peak = match stage {
+            Stage::Joint => options.lr * options.joint_lr_scale,
+            _ => options.lr,
+        };
         let params = ParamsAdamW {
-            lr: options.lr,
+            lr: peak,
             weight_decay: options.weight_decay,
             ..Default::default()
         };
@@ -453,10 +466,10 @@ pub fn train(
             );
             bar.set_prefix(format!("{stage:?} {}/{epochs}", epoch + 1));
             let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-            let mut lr = options.lr;
+            let mut lr = peak;
             for (step, chunk) in train_idx.chunks(options.batch).enumerate() {
                 let t = (epoch * steps_per_epoch + step) as f64 / total_steps as f64;
-                lr = options.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+                lr = peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
                 opt.set_learning_rate(lr);
                 let (x, y) = make_batch(
                     &pre,
