@@ -828,7 +828,7 @@ mod tests {
     /// Both kernels (direct for few channels, im2col + GEMM otherwise) against the naive
     /// reference: odd and non-square maps, stride 2, channel counts that are not a multiple of
     /// the SIMD width, several passes over the output channels, a short last pixel group, and
-    /// maps big enough to be split across threads.
+    /// maps big enough to be split across threads (by rows or by tiles).
     #[test]
     fn kernels_match_the_reference() {
         let shapes = [
@@ -840,6 +840,8 @@ mod tests {
             (13, 13, 32, 33, 2, true),
             (96, 80, 3, 16, 1, true),
             (40, 40, 64, 64, 1, true),
+            (7, 7, 64, 64, 1, true),
+            (4, 4, 64, 128, 1, true),
         ];
         for (h, w, cin, cout, stride, relu) in shapes {
             let wts: Vec<f32> = (0..9 * cin * cout)
