@@ -257,6 +257,12 @@ impl ModelFile {
 
     /// One tensor's shape and values, f16 -> f32 (for exporters).
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), WeightsError> {
+        let (shape, values) = self.tensor_f16(name)?;
+        Ok((shape, values.iter().map(|v| v.to_f32()).collect()))
+    }
+
+    /// One tensor's shape and its stored f16 values.
+    pub fn tensor_f16(&self, name: &str) -> Result<(Vec<usize>, Vec<half::f16>), WeightsError> {
         let st = SafeTensors::deserialize(&self.mmap).map_err(|e| WeightsError::Format {
             path: self.path.clone(),
             reason: e.to_string(),
@@ -275,7 +281,7 @@ impl ModelFile {
         let values = view
             .data()
             .chunks_exact(2)
-            .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
             .collect();
         Ok((view.shape().to_vec(), values))
     }

@@ -216,3 +216,28 @@ fn decompose_writes_the_split_as_pictures() {
         .unwrap();
     assert_clean_failure(&out, "plain.safetensors");
 }
+
+/// `wae-edge classify DIR | head -1`: once the reader goes away, the process ends quietly (as
+/// `cat` does, by SIGPIPE) instead of panicking in `println!`.
+#[test]
+fn a_closed_stdout_ends_the_run_quietly() {
+    use std::io::{BufRead, BufReader};
+    // 500 images: the run is still printing long after the reader has gone.
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("wae-edge"))
+        .args(["classify", "--device", "cpu"])
+        .args(["models/fashion-wae/samples"; 50])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("samples"), "{first}");
+    // The reader is dropped here; the remaining lines go to a closed pipe.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}

@@ -103,9 +103,18 @@ fn in_tmpfs(size: &str, read_only: bool, script: &str) -> Option<Output> {
 
 /// What the writers under test write, as shell commands using `$BIN`, `$MNT` and `$IMG`/`$MODEL`.
 const WRITERS: &[(&str, &str)] = &[
-    ("new", "\"$BIN\" new --preset wae-fashion -o \"$MNT/m.safetensors\""),
-    ("export-onnx", "\"$BIN\" export-onnx --model \"$MODEL\" -o \"$MNT/m.onnx\""),
-    ("decompose", "\"$BIN\" decompose --model \"$MODEL\" \"$IMG\" -o \"$MNT/dec\""),
+    (
+        "new",
+        "\"$BIN\" new --preset wae-fashion -o \"$MNT/m.safetensors\"",
+    ),
+    (
+        "export-onnx",
+        "\"$BIN\" export-onnx --model \"$MODEL\" -o \"$MNT/m.onnx\"",
+    ),
+    (
+        "decompose",
+        "\"$BIN\" decompose --model \"$MODEL\" \"$IMG\" -o \"$MNT/dec\"",
+    ),
     (
         "stream --save",
         "\"$BIN\" stream --model \"$MODEL\" --frames 3 --save \"$MNT/frames\" synthetic:640x480",
@@ -149,8 +158,7 @@ fn read_only_output_directories() {
         let d = tempfile::tempdir().unwrap();
         let ro = d.path().join("ro");
         std::fs::create_dir(&ro).unwrap();
-        std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o555))
-            .unwrap();
+        std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
         let out = bin()
             .args(["new", "--preset", "wae-fashion", "-o"])
             .arg(ro.join("m.safetensors"))
