@@ -25,6 +25,7 @@ fn hundred_thousand_frames_keep_memory_flat() {
         top_k: 1,
         reconnect: false,
         scaled_decode: true,
+        overlap: None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let mut samples = Vec::new();

@@ -150,7 +150,7 @@ impl FrameSource for StallsAfter {
     }
 }
 
-fn options(reconnect: bool) -> StreamOptions {
+fn options(reconnect: bool, overlap: bool) -> StreamOptions {
     StreamOptions {
         frames: Some(6),
         seconds: Some(20.0),
@@ -158,8 +158,12 @@ fn options(reconnect: bool) -> StreamOptions {
         top_k: 1,
         reconnect,
         scaled_decode: true,
+        overlap: Some(overlap),
     }
 }
+
+/// Both layouts: frames prepared inline, or on their own thread overlapping the network.
+const LAYOUTS: [bool; 2] = [false, true];
 
 #[test]
 fn stalls_fail_or_reconnect() {
@@ -167,31 +171,35 @@ fn stalls_fail_or_reconnect() {
     let clf =
         wae_edge::Classifier::load(fashion_model(d.path()), &candle_core::Device::Cpu).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let err = run_stream(
-        || Ok(Box::new(StallsAfter(0, 3))),
-        &clf,
-        &options(false),
-        &stop,
-        |_, _, _| (),
-    )
-    .unwrap_err();
-    assert!(matches!(err, StreamError::Stalled(_)), "{err}");
-    // With reconnect, a new source is opened after each stall until the frame budget is met.
-    let mut opened = 0;
-    let s = run_stream(
-        || {
-            opened += 1;
-            Ok(Box::new(StallsAfter(0, 3)))
-        },
-        &clf,
-        &options(true),
-        &stop,
-        |_, _, _| (),
-    )
-    .unwrap();
-    assert_eq!(s.frames, 6);
-    assert_eq!(opened, 2);
-    assert_eq!(s.reconnects, 1);
+    for overlap in LAYOUTS {
+        let err = run_stream(
+            || Ok(Box::new(StallsAfter(0, 3))),
+            &clf,
+            &options(false, overlap),
+            &stop,
+            |_, _, _| (),
+        )
+        .unwrap_err();
+        assert!(matches!(err, StreamError::Stalled(_)), "{err}");
+        // With reconnect, a new source is opened after each stall until the frame budget is met.
+        let mut opened = 0;
+        let mut seen = Vec::new();
+        let s = run_stream(
+            || {
+                opened += 1;
+                Ok(Box::new(StallsAfter(0, 3)))
+            },
+            &clf,
+            &options(true, overlap),
+            &stop,
+            |r, _, _| seen.push(r.frame),
+        )
+        .unwrap();
+        assert_eq!(s.frames, 6, "overlap {overlap}");
+        assert_eq!(seen, [0, 1, 2, 0, 1, 2], "every frame once, in order");
+        assert_eq!(opened, 2);
+        assert_eq!(s.reconnects, 1);
+    }
 }
 
 #[test]
@@ -212,13 +220,15 @@ fn source_errors_propagate() {
     let clf =
         wae_edge::Classifier::load(fashion_model(d.path()), &candle_core::Device::Cpu).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let err = run_stream(
-        || Ok(Box::new(Unplugged)),
-        &clf,
-        &options(false),
-        &stop,
-        |_, _, _| (),
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("unplugged"), "{err}");
+    for overlap in LAYOUTS {
+        let err = run_stream(
+            || Ok(Box::new(Unplugged)),
+            &clf,
+            &options(false, overlap),
+            &stop,
+            |_, _, _| (),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unplugged"), "{err}");
+    }
 }

@@ -78,6 +78,16 @@ fn pipeline_overhead(clf: &Classifier, uri: &str, seconds: f64) -> Result<serde_
     let x1 =
         candle_core::Tensor::randn(0f32, 1.0, (1, i.channels, i.height, i.width), clf.device())?;
     let stop = Arc::new(AtomicBool::new(false));
+    // Decided once, as `stream` would at start, so that every round runs the same layout.
+    let overlap = wae_edge::pipeline::overlap_pays(clf);
+    eprintln!(
+        "pipeline layout: {}",
+        if overlap {
+            "frames prepared on their own thread, network on all cores but one"
+        } else {
+            "frames prepared inline, network on every core"
+        }
+    );
     let (mut bare, mut piped) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         let t = std::time::Instant::now();
@@ -94,6 +104,7 @@ fn pipeline_overhead(clf: &Classifier, uri: &str, seconds: f64) -> Result<serde_
             top_k: 1,
             reconnect: false,
             scaled_decode: true,
+            overlap: Some(overlap),
         };
         let s = run_stream(
             || open_source(uri, &SourceOptions::default()),

@@ -148,6 +148,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         top_k: a.top_k.clamp(1, clf.config().classes),
         reconnect: a.reconnect,
         scaled_decode: !a.full_decode,
+        overlap: None,
     };
     let live = !a.json && std::io::stderr().is_terminal();
     let mut last_status = Instant::now();
