@@ -163,7 +163,6 @@ impl Conv3 {
         if pixels <= tile * threads && pixels * k * self.cout > (1 << 20) {
             tile = pixels.div_ceil(threads).max(16);
         }
-        let single = pixels <= tile;
         let mut out = vec![0f32; pixels * self.cout];
         let run_tile = |(t, dst): (usize, &mut [f32])| {
             let p0 = t * tile;
@@ -221,13 +220,7 @@ impl Conv3 {
             }
         };
         // Tiles in parallel when there are several; tiny maps stay on one thread.
-        if !single {
-            out.par_chunks_mut(tile * self.cout)
-                .enumerate()
-                .for_each(run_tile);
-        } else {
-            run_tile((0, &mut out[..]));
-        }
+        for_each_chunk(&mut out, tile * self.cout, run_tile);
         Map {
             h: oh,
             w: ow,
@@ -269,19 +262,23 @@ impl Conv3 {
                 arch.dispatch(DirectPass::<1>(op))
             }
         };
-        if rows_per < oh {
-            out.par_chunks_mut(rows_per * ow * self.cout)
-                .enumerate()
-                .for_each(run);
-        } else {
-            run((0, &mut out[..]));
-        }
+        for_each_chunk(&mut out, rows_per * ow * self.cout, run);
         Map {
             h: oh,
             w: ow,
             c: self.cout,
             data: out,
         }
+    }
+}
+
+/// Runs `f` on each `chunk`-long piece of `out` with its index: in parallel when there are
+/// several, on the calling thread when one piece covers it all.
+fn for_each_chunk(out: &mut [f32], chunk: usize, f: impl Fn((usize, &mut [f32])) + Send + Sync) {
+    if chunk < out.len() {
+        out.par_chunks_mut(chunk).enumerate().for_each(f);
+    } else {
+        f((0, out));
     }
 }
 
