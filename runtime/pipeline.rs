@@ -245,12 +245,12 @@ const OVERLAP_MAX_PASS: Duration = Duration::from_millis(5);
 /// own input: then the spare core can prepare the next frame (about 0.03-0.05 ms for a 640x480
 /// frame) while the network runs, and the stream gains more than the network loses.
 pub fn overlap_pays(clf: &Classifier) -> bool {
-    let Some(pool) = network_pool() else {
-        return false;
-    };
     if !clf.device().is_cpu() {
         return false;
     }
+    let Some(pool) = network_pool() else {
+        return false;
+    };
     let i = clf.config().input;
     let Ok(x) = candle_core::Tensor::zeros(
         (i.channels, i.height, i.width),
