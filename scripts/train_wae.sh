@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The candidate for models/fashion-wae (issue 3): the 32,32/64,64/128 WAE with a 20-epoch
+# models/fashion-wae-small: the 32,32/64,64/128 WAE with a 20-epoch
 # classifier stage and a joint stage at a tenth of the peak learning rate. About 2.5 hours on 2
 # quiet cores; resumable: run it again after an interruption and it continues from the last
 # completed epoch (the flags must stay exactly these).

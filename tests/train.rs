@@ -78,7 +78,7 @@ fn wae_trains_exports_reloads_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let opts = options(tiny(ArchKind::Wae));
-    let report = train(&opts, &ds, &run, false).unwrap();
+    let report = train(&opts, &ds, &run, false, &Device::Cpu).unwrap();
     let stages: Vec<Stage> = report.metrics.iter().map(|m| m.stage).collect();
     assert_eq!(
         stages,
@@ -132,11 +132,11 @@ fn wae_trains_exports_reloads_and_resumes() {
     assert_eq!(eval.confusion.iter().flatten().sum::<usize>(), ds.len());
 
     // A second start without --resume is refused; --resume of a finished run trains nothing more.
-    assert!(train(&opts, &ds, &run, false)
+    assert!(train(&opts, &ds, &run, false, &Device::Cpu)
         .unwrap_err()
         .to_string()
         .contains("--resume"));
-    let again = train(&opts, &ds, &run, true).unwrap();
+    let again = train(&opts, &ds, &run, true, &Device::Cpu).unwrap();
     assert_eq!(again.metrics.len(), report.metrics.len());
 
     // Simulate an interruption after the first classifier epoch: resume redoes only what is missing.
@@ -147,7 +147,7 @@ fn wae_trains_exports_reloads_and_resumes() {
     let metrics = state["metrics"].as_array().unwrap()[..2].to_vec();
     state["metrics"] = metrics.into();
     std::fs::write(&state_path, state.to_string()).unwrap();
-    let resumed = train(&opts, &ds, &run, true).unwrap();
+    let resumed = train(&opts, &ds, &run, true, &Device::Cpu).unwrap();
     let epochs: Vec<(Stage, usize)> = resumed.metrics.iter().map(|m| (m.stage, m.epoch)).collect();
     assert_eq!(
         epochs,
@@ -163,7 +163,7 @@ fn wae_trains_exports_reloads_and_resumes() {
     // Other options cannot resume this run.
     let mut other = opts.clone();
     other.lambda = 1.0;
-    assert!(train(&other, &ds, &run, true)
+    assert!(train(&other, &ds, &run, true, &Device::Cpu)
         .unwrap_err()
         .to_string()
         .contains("other options"));
@@ -176,7 +176,7 @@ fn the_controls_train_with_the_same_code() {
         let dir = tempfile::tempdir().unwrap();
         let mut o = options(tiny(kind));
         o.cls_epochs = 2;
-        let r = train(&o, &ds, dir.path(), false).unwrap();
+        let r = train(&o, &ds, dir.path(), false, &Device::Cpu).unwrap();
         assert!(
             r.metrics.iter().all(|m| m.stage == Stage::Classifier),
             "{kind:?}"

@@ -10,6 +10,7 @@ use indicatif::ProgressBar;
 
 use wae_edge::config::{preset, ArchKind, PRESETS};
 use wae_edge::dataset::{self, Dataset, Split};
+use wae_edge::device::{self, DeviceRequest};
 use wae_edge::eval::evaluate;
 use wae_edge::train::{self, TrainOptions};
 use wae_edge::{weights, Classifier};
@@ -93,6 +94,10 @@ pub struct TrainArgs {
     /// Where to write the fp16 model (default: OUT/model.safetensors).
     #[arg(long)]
     export: Option<PathBuf>,
+    /// Device to train on (f32 everywhere); auto picks CUDA, then Metal, then the CPU. A run
+    /// may resume on another device.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceRequest,
 }
 
 /// Arguments of `eval`.
@@ -204,8 +209,10 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
         limit: a.limit,
         augment: !a.no_augment,
     };
+    let dev = device::select(a.device)?;
+    eprintln!("training on {}", device::describe(&dev));
     let t = Instant::now();
-    let report = train::train(&options, &train_set, &a.out, a.resume)?;
+    let report = train::train(&options, &train_set, &a.out, a.resume, &dev)?;
     let export = a.export.unwrap_or_else(|| a.out.join("model.safetensors"));
     let mut config = report.config.clone();
     let last_val = report.metrics.iter().rev().find_map(|m| m.val_acc);
@@ -236,6 +243,7 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
         "val_images": options.val,
         "val_accuracy": last_val,
         "train_seconds_this_sitting": t.elapsed().as_secs_f64().round(),
+        "train_device": device::describe(&dev),
         "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     });
     config.training = Some(facts.clone());

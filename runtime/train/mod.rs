@@ -369,16 +369,17 @@ pub struct TrainReport {
     pub metrics: Vec<EpochMetrics>,
 }
 
-/// Trains (or resumes) a run in `dir` on `train`; returns the exportable model.
+/// Trains (or resumes) a run in `dir` on `train`, on `dev`; returns the exportable model. The
+/// device is not part of the options: a run may resume on another one.
 pub fn train(
     options: &TrainOptions,
     train_set: &Dataset,
     dir: &Path,
     resume: bool,
+    dev: &Device,
 ) -> Result<TrainReport> {
     let run = RunDir(dir.to_path_buf());
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dev = Device::Cpu;
     let mut state = if resume && run.state().exists() {
         let s: RunState = serde_json::from_str(&std::fs::read_to_string(run.state())?)
             .context("reading run state")?;
@@ -408,13 +409,13 @@ pub fn train(
     if cfg.arch.kind == ArchKind::Wae {
         Decoder::new(&cfg, init.var_builder().pp("decoder"))?;
     }
-    let mut vm = init.into_varmap(&dev)?;
+    let mut vm = init.into_varmap(dev)?;
     if !state.done.is_empty() {
         vm.load(run.checkpoint())
             .with_context(|| format!("loading {}", run.checkpoint().display()))?;
         eprintln!("resuming {} after {:?}", dir.display(), state.done.last());
     }
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
     let nets = Nets {
         net: WaeNet::new(&cfg, vb.clone())?,
         decoder: if cfg.arch.kind == ArchKind::Wae {
@@ -476,7 +477,7 @@ pub fn train(
                     train_set,
                     chunk,
                     options.augment.then_some(&mut rng),
-                    &dev,
+                    dev,
                 )?;
                 let (loss, logits) = nets.step_loss(stage, &x, &y, options)?;
                 opt.backward_step(&loss)?;
@@ -511,7 +512,7 @@ pub fn train(
                 }
             }
             bar.finish_and_clear();
-            let (val_acc, val_rec, val_energy) = nets.validate(&pre, &val, &dev)?;
+            let (val_acc, val_rec, val_energy) = nets.validate(&pre, &val, dev)?;
             let has_cls = stage != Stage::AutoEncoder;
             let m = EpochMetrics {
                 stage,
@@ -543,7 +544,7 @@ pub fn train(
             checkpoint(&run, &vm, &state)?;
         }
     }
-    let tensors = snapshot(&vm);
+    let tensors = snapshot(&vm)?;
     let mut config = options.config.clone();
     config.arch.batch_norm = false;
     config.untrained = false;
@@ -554,17 +555,17 @@ pub fn train(
     })
 }
 
-/// Current values of every variable, by name.
-fn snapshot(vm: &VarMap) -> HashMap<String, Tensor> {
+/// Current values of every variable, by name, copied to the CPU for writing.
+fn snapshot(vm: &VarMap) -> candle_core::Result<HashMap<String, Tensor>> {
     let data = vm.data().lock().expect("varmap lock");
     data.iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
         .collect()
 }
 
 /// Writes the checkpoint, state, metrics CSV and curve, each atomically.
 fn checkpoint(run: &RunDir, vm: &VarMap, state: &RunState) -> Result<()> {
-    let tensors = snapshot(vm);
+    let tensors = snapshot(vm)?;
     let bytes = safetensors_f32(&tensors)?;
     crate::atomic::write(&run.checkpoint(), &bytes)?;
     crate::atomic::write(
