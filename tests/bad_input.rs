@@ -288,6 +288,15 @@ fn device_this_build_cannot_use() {
             .output()
             .unwrap();
         assert_clean_failure(&out, "--features cuda");
+        // Training fails before it loads data or creates its run directory.
+        let run = _d.path().join("run");
+        let out = bin()
+            .args(["train", "--device", "cuda", "--limit", "10", "--out"])
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert_clean_failure(&out, "--features cuda");
+        assert!(!run.exists());
     }
     if !cfg!(feature = "metal") {
         let out = bin()

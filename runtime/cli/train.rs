@@ -191,6 +191,8 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
         config.arch.backbone = parse_backbone(b)?;
     }
     config.validate()?;
+    // Before the dataset loads: a device this build lacks fails at once.
+    let dev = device::select(a.device)?;
     let train_set = load_split(&a.dataset, Split::Train, config.input)?;
     let options = TrainOptions {
         config,
@@ -209,7 +211,6 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
         limit: a.limit,
         augment: !a.no_augment,
     };
-    let dev = device::select(a.device)?;
     eprintln!("training on {}", device::describe(&dev));
     let t = Instant::now();
     let report = train::train(&options, &train_set, &a.out, a.resume, &dev)?;
