@@ -6,7 +6,9 @@
 # the CPU (`DEVICE=cpu`, many hours).
 #
 #   scripts/train_gpu.sh [OUT_DIR]          (default runs/gpu; logs in OUT_DIR/NAME.log)
-#   BACKBONE=64,64/128,128/256 CLS=30 AE=2 JOINT=4 KINDS="wae plain" scripts/train_gpu.sh
+#   CLS=34 KINDS="wae plain" scripts/train_gpu.sh runs/longer
+# The defaults are the model card's runs: backbone 64,64/128,128/256, lambda 1 (the validation
+# sweep's choice), WAE 2 + 20 + 3 epochs, controls 23.
 #
 # Needs a binary built with `--features cuda` (WAE_EDGE_BIN, default target/release/wae-edge) and
 # the dataset (WAE_EDGE_FASHION_MNIST, default Debian's). STOP_AFTER=SECONDS stops every run after
@@ -15,8 +17,8 @@ set -uo pipefail
 out=${1:-runs/gpu}
 bin=${WAE_EDGE_BIN:-target/release/wae-edge}
 backbone=${BACKBONE:-64,64/128,128/256}
-lambda=${LAMBDA:-0.1}
-ae=${AE:-2}; cls=${CLS:-30}; joint=${JOINT:-4}
+lambda=${LAMBDA:-1}
+ae=${AE:-2}; cls=${CLS:-20}; joint=${JOINT:-3}
 device=${DEVICE:-cuda}
 mkdir -p "$out"
 pids=()
