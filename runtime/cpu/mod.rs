@@ -6,7 +6,10 @@
 //! first fully connected layer of each head has its columns permuted at load so the NHWC
 //! flatten feeds it directly. Results match the candle path within f32 rounding (tests compare).
 
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+mod winograd;
 
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
@@ -14,6 +17,7 @@ use rayon::prelude::*;
 use crate::config::{ArchKind, ModelConfig};
 use crate::model::StageTimes;
 use crate::weights::{ModelFile, WeightsError};
+use winograd::Winograd;
 
 /// Output pixels per im2col tile: keeps the patch buffer within L2 for typical widths.
 const TILE_BYTES: usize = 256 * 1024;
@@ -32,6 +36,8 @@ struct Conv3 {
     b: Vec<f32>,
     /// `[9 * cin, cout rounded up to DIRECT_PAD]` for the direct kernel, else empty.
     wd: Vec<f32>,
+    /// The kernels in the Winograd domain, where that form runs this conv.
+    winograd: Option<Winograd>,
 }
 
 /// Convs with at most this many input channels, or fewer than [`DIRECT_MIN_COUT`] outputs, run
@@ -78,24 +84,72 @@ struct Map {
     data: Vec<f32>,
 }
 
+/// Activation and scratch buffers kept between frames. A frame takes the buffers it needs and
+/// gives them back, so from the second frame on the engine neither allocates nor zeroes (what
+/// TFLite's arena and ONNX Runtime's memory pattern do). It holds one frame's working set per
+/// frame in flight and is freed with the net.
+#[derive(Default)]
+struct Buffers(Mutex<Vec<Vec<f32>>>);
+
+impl Buffers {
+    /// `len` values with unspecified contents: callers write every value they later read.
+    fn take(&self, len: usize) -> Vec<f32> {
+        let found = {
+            let mut free = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            // The smallest buffer that fits, so big ones stay for the big layers.
+            let best = (0..free.len())
+                .filter(|&i| free[i].capacity() >= len)
+                .min_by_key(|&i| free[i].capacity());
+            best.map(|i| free.swap_remove(i))
+        };
+        let mut v = found.unwrap_or_else(|| Vec::with_capacity(len));
+        // Stale values stay (no zeroing); only growth past the old length writes.
+        v.resize(len, 0.0);
+        v
+    }
+
+    /// Returns a buffer for later frames.
+    fn give(&self, v: Vec<f32>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(v);
+    }
+
+    /// A fresh map of the given shape from the pool.
+    fn map(&self, h: usize, w: usize, c: usize) -> Map {
+        Map {
+            h,
+            w,
+            c,
+            data: self.take(h * w * c),
+        }
+    }
+}
+
 impl Map {
     /// The first `c` channels and the rest, as two maps.
-    fn split_channels(&self, c: usize) -> (Map, Map) {
-        let rest = self.c - c;
-        let (mut a, mut b) = (Vec::with_capacity(self.h * self.w * c), Vec::new());
-        b.reserve(self.h * self.w * rest);
-        for px in self.data.chunks_exact(self.c) {
-            a.extend_from_slice(&px[..c]);
-            b.extend_from_slice(&px[c..]);
+    fn split_channels(&self, c: usize, bufs: &Buffers) -> (Map, Map) {
+        let (mut a, mut b) = (
+            bufs.map(self.h, self.w, c),
+            bufs.map(self.h, self.w, self.c - c),
+        );
+        for ((px, pa), pb) in self
+            .data
+            .chunks_exact(self.c)
+            .zip(a.data.chunks_exact_mut(a.c))
+            .zip(b.data.chunks_exact_mut(b.c))
+        {
+            pa.copy_from_slice(&px[..c]);
+            pb.copy_from_slice(&px[c..]);
         }
-        let map = |c, data| Map {
-            h: self.h,
-            w: self.w,
-            c,
-            data,
-        };
-        (map(c, a), map(rest, b))
+        (a, b)
     }
+}
+
+/// Whether a stride-1 conv with these channels runs in the Winograd domain.
+fn winograd_pays(cin: usize, cout: usize) -> bool {
+    std::env::var_os("WAE_EDGE_NO_WINOGRAD").is_none() && cin >= 32 && cout >= 32
 }
 
 fn out_side(n: usize, stride: usize) -> usize {
@@ -130,6 +184,8 @@ impl Conv3 {
         } else {
             Vec::new()
         };
+        let winograd = (wd.is_empty() && stride == 1 && winograd_pays(cin, cout))
+            .then(|| Winograd::new(&w, cin, cout));
         Conv3 {
             cin,
             cout,
@@ -138,6 +194,17 @@ impl Conv3 {
             w,
             b,
             wd,
+            winograd,
+        }
+    }
+
+    /// Which kernel runs this conv.
+    #[cfg(test)]
+    fn kernel(&self) -> &'static str {
+        match (&self.winograd, self.wd.is_empty()) {
+            (Some(_), _) => "winograd",
+            (None, false) => "direct",
+            (None, true) => "im2col + gemm",
         }
     }
 
@@ -153,9 +220,12 @@ impl Conv3 {
         Conv3::new(a.cin, cout, a.stride, a.relu, w, bias)
     }
 
-    fn forward(&self, x: &Map) -> Map {
+    fn forward(&self, x: &Map, bufs: &Buffers) -> Map {
         if !self.wd.is_empty() {
-            return self.direct(x);
+            return self.direct(x, bufs);
+        }
+        if let Some(wg) = &self.winograd {
+            return wg.forward(x, &self.b, self.relu, bufs);
         }
         let (oh, ow) = (out_side(x.h, self.stride), out_side(x.w, self.stride));
         let k = 9 * self.cin;
@@ -166,12 +236,12 @@ impl Conv3 {
         if pixels <= tile * threads && pixels * k * self.cout > (1 << 20) {
             tile = pixels.div_ceil(threads).max(16);
         }
-        let mut out = vec![0f32; pixels * self.cout];
+        let mut out = bufs.map(oh, ow, self.cout);
         let split_columns =
             threads > 1 && pixels <= tile && pixels * k * self.cout > COLUMN_SPLIT_MIN;
         let run_tile = |(t, dst): (usize, &mut [f32])| {
             let rows = dst.len() / self.cout;
-            let patch = self.im2col(x, t * tile, rows, ow);
+            let patch = self.im2col(x, t * tile, rows, ow, bufs);
             if split_columns {
                 // One tile only, but enough work for two cores: each takes half the output
                 // channels (the patch is shared; the halves write disjoint columns).
@@ -187,23 +257,19 @@ impl Conv3 {
                 // SAFETY: `dst` is `rows x cout`, exclusively borrowed here.
                 unsafe { self.gemm_cols(&patch, rows, dst.as_mut_ptr(), 0, self.cout) }
             }
+            bufs.give(patch);
         };
         // Tiles in parallel when there are several; tiny maps stay on one thread.
-        for_each_chunk(&mut out, tile * self.cout, run_tile);
-        Map {
-            h: oh,
-            w: ow,
-            c: self.cout,
-            data: out,
-        }
+        for_each_chunk(&mut out.data, tile * self.cout, run_tile);
+        out
     }
 }
 
 impl Conv3 {
     /// The `rows x 9*cin` patch matrix of output pixels `p0..p0 + rows` (zero outside the map).
-    fn im2col(&self, x: &Map, p0: usize, rows: usize, ow: usize) -> Vec<f32> {
+    fn im2col(&self, x: &Map, p0: usize, rows: usize, ow: usize, bufs: &Buffers) -> Vec<f32> {
         let k = 9 * self.cin;
-        let mut patch = vec![0f32; rows * k];
+        let mut patch = bufs.take(rows * k);
         for r in 0..rows {
             let (oy, ox) = ((p0 + r) / ow, (p0 + r) % ow);
             let row = &mut patch[r * k..(r + 1) * k];
@@ -211,12 +277,13 @@ impl Conv3 {
                 let iy = (oy * self.stride + ky) as isize - 1;
                 for kx in 0..3 {
                     let ix = (ox * self.stride + kx) as isize - 1;
+                    let dst = &mut row[(ky * 3 + kx) * self.cin..(ky * 3 + kx + 1) * self.cin];
                     if iy < 0 || ix < 0 || iy >= x.h as isize || ix >= x.w as isize {
+                        dst.fill(0.0);
                         continue;
                     }
                     let src = (iy as usize * x.w + ix as usize) * self.cin;
-                    row[(ky * 3 + kx) * self.cin..(ky * 3 + kx + 1) * self.cin]
-                        .copy_from_slice(&x.data[src..src + self.cin]);
+                    dst.copy_from_slice(&x.data[src..src + self.cin]);
                 }
             }
         }
@@ -275,14 +342,20 @@ unsafe impl Sync for SendPtr {}
 impl Conv3 {
     /// The direct kernel over a zero-padded copy of the input; output rows split across threads
     /// when the conv is big enough to pay for it.
-    fn direct(&self, x: &Map) -> Map {
+    fn direct(&self, x: &Map, bufs: &Buffers) -> Map {
         let (oh, ow) = (out_side(x.h, self.stride), out_side(x.w, self.stride));
         let (wp, c) = (x.w + 2, x.c);
-        let mut xp = vec![0f32; (x.h + 2) * wp * c];
+        let mut xp = bufs.take((x.h + 2) * wp * c);
+        // The zero border: the first and last rows, and the pixel either side of each row.
+        xp[..wp * c].fill(0.0);
+        xp[(x.h + 1) * wp * c..].fill(0.0);
         for (y, src) in x.data.chunks_exact(x.w * c).enumerate() {
-            xp[((y + 1) * wp + 1) * c..][..x.w * c].copy_from_slice(src);
+            let row = &mut xp[(y + 1) * wp * c..][..wp * c];
+            row[..c].fill(0.0);
+            row[(wp - 1) * c..].fill(0.0);
+            row[c..][..x.w * c].copy_from_slice(src);
         }
-        let mut out = vec![0f32; oh * ow * self.cout];
+        let mut out = bufs.map(oh, ow, self.cout);
         let rows_per = if oh * ow * 9 * c * self.cout > (1 << 20) {
             oh.div_ceil(4 * rayon::current_num_threads().max(1))
         } else {
@@ -300,13 +373,9 @@ impl Conv3 {
             };
             arch.dispatch(DirectPass(op))
         };
-        for_each_chunk(&mut out, rows_per * ow * self.cout, run);
-        Map {
-            h: oh,
-            w: ow,
-            c: self.cout,
-            data: out,
-        }
+        for_each_chunk(&mut out.data, rows_per * ow * self.cout, run);
+        bufs.give(xp);
+        out
     }
 }
 
@@ -419,13 +488,14 @@ fn direct_rows<S: Simd, const V: usize>(simd: S, rows: DirectRows<'_>) {
 }
 
 /// 2x2/2 max-pool; `ceil` keeps a clipped window at odd edges (Caffe/ONNX ceil mode).
-fn max_pool(x: &Map, ceil: bool) -> Map {
+fn max_pool(x: &Map, ceil: bool, bufs: &Buffers) -> Map {
     let side = |n: usize| if ceil { n.div_ceil(2) } else { n / 2 };
     let (oh, ow) = (side(x.h), side(x.w));
-    let mut out = vec![f32::NEG_INFINITY; oh * ow * x.c];
+    let mut out = bufs.map(oh, ow, x.c);
+    out.data.fill(f32::NEG_INFINITY);
     for oy in 0..oh {
         for ox in 0..ow {
-            let dst = &mut out[(oy * ow + ox) * x.c..(oy * ow + ox + 1) * x.c];
+            let dst = &mut out.data[(oy * ow + ox) * x.c..(oy * ow + ox + 1) * x.c];
             for iy in (2 * oy)..(2 * oy + 2).min(x.h) {
                 for ix in (2 * ox)..(2 * ox + 2).min(x.w) {
                     let src = &x.data[(iy * x.w + ix) * x.c..(iy * x.w + ix + 1) * x.c];
@@ -436,22 +506,22 @@ fn max_pool(x: &Map, ceil: bool) -> Map {
             }
         }
     }
-    Map {
-        h: oh,
-        w: ow,
-        c: x.c,
-        data: out,
-    }
+    out
 }
 
 /// 2x2 analysis of an even-sided map: average (naive half) or the four Haar bands.
-fn split_2x2(x: &Map, haar: bool) -> (Map, Option<Map>) {
+fn split_2x2(x: &Map, haar: bool, bufs: &Buffers) -> (Map, Option<Map>) {
     let (oh, ow, c) = (x.h / 2, x.w / 2, x.c);
-    let mut low = vec![0f32; oh * ow * c];
+    let mut low = bufs.map(oh, ow, c);
     let mut high = if haar {
-        vec![0f32; oh * ow * 3 * c]
+        bufs.map(oh, ow, 3 * c)
     } else {
-        vec![]
+        Map {
+            h: oh,
+            w: ow,
+            c: 0,
+            data: Vec::new(),
+        }
     };
     for oy in 0..oh {
         for ox in 0..ow {
@@ -462,30 +532,19 @@ fn split_2x2(x: &Map, haar: bool) -> (Map, Option<Map>) {
                 let (a, b, cc, d) = (at(0, 0, ch), at(0, 1, ch), at(1, 0, ch), at(1, 1, ch));
                 let p = oy * ow + ox;
                 if haar {
-                    low[p * c + ch] = (a + b + cc + d) * 0.5;
+                    low.data[p * c + ch] = (a + b + cc + d) * 0.5;
                     // Channels band-major, as the candle path's Haar kernel orders them.
-                    high[p * 3 * c + ch] = (a - b + cc - d) * 0.5;
-                    high[p * 3 * c + c + ch] = (a + b - cc - d) * 0.5;
-                    high[p * 3 * c + 2 * c + ch] = (a - b - cc + d) * 0.5;
+                    let hi = &mut high.data[p * 3 * c..];
+                    hi[ch] = (a - b + cc - d) * 0.5;
+                    hi[c + ch] = (a + b - cc - d) * 0.5;
+                    hi[2 * c + ch] = (a - b - cc + d) * 0.5;
                 } else {
-                    low[p * c + ch] = (a + b + cc + d) * 0.25;
+                    low.data[p * c + ch] = (a + b + cc + d) * 0.25;
                 }
             }
         }
     }
-    let low = Map {
-        h: oh,
-        w: ow,
-        c,
-        data: low,
-    };
-    let high = haar.then(|| Map {
-        h: oh,
-        w: ow,
-        c: 3 * c,
-        data: high,
-    });
-    (low, high)
+    (low, haar.then_some(high))
 }
 
 impl Dense {
@@ -641,6 +700,7 @@ pub struct CpuNet {
     branch: Option<Vec<Vec<Conv3>>>,
     head_low: Vec<Dense>,
     head_fuse: Option<Vec<Dense>>,
+    bufs: Buffers,
 }
 
 fn stack(
@@ -673,13 +733,20 @@ fn head(
     Ok(layers)
 }
 
-fn run_stack(stages: &[Vec<Conv3>], x: Map, ceil: bool) -> Map {
+/// Applies `f` to `x`, giving `x`'s buffer back to the pool.
+fn step(x: Map, bufs: &Buffers, f: impl FnOnce(&Map) -> Map) -> Map {
+    let y = f(&x);
+    bufs.give(x.data);
+    y
+}
+
+fn run_stack(stages: &[Vec<Conv3>], x: Map, ceil: bool, bufs: &Buffers) -> Map {
     let mut x = x;
     for stage in stages {
         for conv in stage {
-            x = conv.forward(&x);
+            x = step(x, bufs, |x| conv.forward(x, bufs));
         }
-        x = max_pool(&x, ceil);
+        x = step(x, bufs, |x| max_pool(x, ceil, bufs));
     }
     x
 }
@@ -737,6 +804,7 @@ impl CpuNet {
             branch,
             head_low,
             head_fuse,
+            bufs: Buffers::default(),
         })
     }
 
@@ -748,6 +816,14 @@ impl CpuNet {
     /// Logits `[n, classes]` (row-major) of a normalised NCHW batch, with stage times summed
     /// over the batch.
     pub fn forward(&self, nchw: &[f32], n: usize) -> (Vec<f32>, StageTimes) {
+        // The whole pass runs on a pool thread: its joins and parallel loops then hand work to
+        // the other worker through the pool's deque, instead of each one waking the pool from
+        // outside and blocking this thread (measured: a quarter of a small model's time went to
+        // those wake-ups).
+        rayon::scope(|_| self.forward_on_pool(nchw, n))
+    }
+
+    fn forward_on_pool(&self, nchw: &[f32], n: usize) -> (Vec<f32>, StageTimes) {
         let i = self.config.input;
         let per = i.channels * i.height * i.width;
         assert_eq!(nchw.len(), n * per, "input is not [n, C, H, W]");
@@ -755,29 +831,28 @@ impl CpuNet {
         let mut logits = Vec::with_capacity(n * self.config.classes);
         for img in nchw.chunks_exact(per) {
             let t = Instant::now();
+            let bufs = &self.bufs;
             let plane = i.height * i.width;
-            let mut data = vec![0f32; per];
+            let mut x = bufs.map(i.height, i.width, i.channels);
             for ch in 0..i.channels {
                 for p in 0..plane {
-                    data[p * i.channels + ch] = img[ch * plane + p];
+                    x.data[p * i.channels + ch] = img[ch * plane + p];
                 }
             }
-            let x = Map {
-                h: i.height,
-                w: i.width,
-                c: i.channels,
-                data,
-            };
             let (low, high) = match &self.split {
                 Split::Identity => (x, None),
-                Split::Average => split_2x2(&x, false),
-                Split::Haar => split_2x2(&x, true),
+                Split::Average | Split::Haar => {
+                    let halves = split_2x2(&x, matches!(self.split, Split::Haar), bufs);
+                    bufs.give(x.data);
+                    halves
+                }
                 Split::Learned { convs, split } => {
-                    let mut h = x;
                     for conv in convs {
-                        h = conv.forward(&h);
+                        x = step(x, bufs, |x| conv.forward(x, bufs));
                     }
-                    let (low, high) = split.forward(&h).split_channels(split.cout / 2);
+                    let both = step(x, bufs, |x| split.forward(x, bufs));
+                    let (low, high) = both.split_channels(split.cout / 2, bufs);
+                    bufs.give(both.data);
                     (low, Some(high))
                 }
             };
@@ -785,7 +860,7 @@ impl CpuNet {
             let ceil = self.config.arch.pool_ceil;
             let timed = |stages: &[Vec<Conv3>], x: Map| {
                 let t = Instant::now();
-                let y = run_stack(stages, x, ceil);
+                let y = run_stack(stages, x, ceil, bufs);
                 (y, t.elapsed())
             };
             // The I_H branch runs beside the I_L backbone (a second core is otherwise idle during
@@ -823,6 +898,10 @@ impl CpuNet {
                 _ => mlp(&self.head_low, &f_low.data),
             };
             let t4 = Instant::now();
+            bufs.give(f_low.data);
+            if let Some(fh) = f_high {
+                bufs.give(fh.data);
+            }
             times.encoder += t1 - t;
             times.backbone += t_low;
             times.branch += t_high;
@@ -851,16 +930,21 @@ pub fn time_conv3(h: usize, cin: usize, cout: usize, stride: usize, iters: usize
         c: cin,
         data: vec![0.5; h * h * cin],
     };
-    for _ in 0..iters.div_ceil(10) {
-        std::hint::black_box(conv.forward(&x));
-    }
-    let mut t: Vec<Duration> = (0..iters.max(1))
-        .map(|_| {
-            let t0 = Instant::now();
-            std::hint::black_box(conv.forward(&x));
-            t0.elapsed()
-        })
-        .collect();
+    let bufs = Buffers::default();
+    let run = || bufs.give(std::hint::black_box(conv.forward(&x, &bufs)).data);
+    // On a pool thread, as in `CpuNet::forward`.
+    let mut t: Vec<Duration> = rayon::scope(|_| {
+        for _ in 0..iters.div_ceil(10) {
+            run();
+        }
+        (0..iters.max(1))
+            .map(|_| {
+                let t0 = Instant::now();
+                run();
+                t0.elapsed()
+            })
+            .collect()
+    });
     t.sort();
     t[t.len() / 2]
 }
@@ -900,39 +984,75 @@ mod tests {
             let p = dir.path().join(format!("{kind:?}-{wide_head}.safetensors"));
             crate::weights::save(&p, &cfg, &tensors).unwrap();
             let file = ModelFile::open(&p).unwrap();
-            let cpu = CpuNet::from_file(&file).unwrap();
+            let mut cpu = CpuNet::from_file(&file).unwrap();
+            cpu.bufs = poisoned();
             let net = file.build(&Device::Cpu).unwrap();
-            let x = Tensor::randn(0f32, 1., (3, 1, 28, 28), &Device::Cpu).unwrap();
-            let want = net
-                .forward_t(&x, false)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
+            let x = || Tensor::randn(0f32, 1., (3, 1, 28, 28), &Device::Cpu).unwrap();
+            let run = |x: &Tensor| {
+                cpu.forward(&x.flatten_all().unwrap().to_vec1().unwrap(), 3)
+                    .0
+            };
+            // The second batch runs on the buffers the first left behind.
+            for x in [x(), x()] {
+                let want = net.forward_t(&x, false).unwrap();
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = run(&x);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+                let diff = want
+                    .iter()
+                    .zip(&got)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "{kind:?}: max diff {diff} (scale {scale})"
+                );
+            }
+            // Once warm, a frame allocates nothing: the pool holds the same buffers after it.
+            // (One thread, so that the order of takes, and so the pool, is deterministic.)
+            let held = || {
+                let mut caps: Vec<usize> = cpu
+                    .bufs
+                    .0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(Vec::capacity)
+                    .collect();
+                caps.sort();
+                caps
+            };
+            let one = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
                 .unwrap();
-            let (got, _) = cpu.forward(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 3);
-            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-            let diff = want
-                .iter()
-                .zip(&got)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                diff <= 1e-4 * scale,
-                "{kind:?}: max diff {diff} (scale {scale})"
-            );
+            one.install(|| run(&x()));
+            let warm = held();
+            one.install(|| run(&x()));
+            assert_eq!(held(), warm, "{kind:?}: the pool grew on a warm frame");
         }
+    }
+
+    /// A pool holding buffers full of NaN: any value a kernel reads without writing it first
+    /// poisons the result.
+    fn poisoned() -> Buffers {
+        let bufs = Buffers::default();
+        for n in [1 << 18, 1 << 14, 4096, 1000, 300, 64] {
+            bufs.give(vec![f32::NAN; n]);
+        }
+        bufs
     }
 
     #[test]
     fn conv_by_hand_with_stride_and_padding() {
         // One input channel 3x3 of ones, a kernel of ones, stride 2: corners see 4 ones.
         let conv = Conv3::new(1, 1, 2, false, vec![1.0; 9], vec![0.5]);
-        let y = conv.forward(&Map {
+        let x = Map {
             h: 3,
             w: 3,
             c: 1,
             data: vec![1.0; 9],
-        });
+        };
+        let y = conv.forward(&x, &poisoned());
         assert_eq!((y.h, y.w), (2, 2));
         assert_eq!(y.data, vec![4.5, 4.5, 4.5, 4.5]);
     }
@@ -984,7 +1104,12 @@ mod tests {
             // One tile with its output channels split over two threads.
             (4, 4, 128, 256, 1, true),
             (3, 5, 160, 200, 1, false),
+            // Winograd: channel counts off the vector width, and several spans of tiles.
+            (5, 9, 40, 72, 1, true),
+            (90, 50, 48, 40, 1, true),
         ];
+        // Shared between the shapes, so each runs on buffers another left behind.
+        let bufs = poisoned();
         for (h, w, cin, cout, stride, relu) in shapes {
             let wts: Vec<f32> = (0..9 * cin * cout)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
@@ -1000,7 +1125,7 @@ mod tests {
                     .collect(),
             };
             let want = reference(&conv, &x);
-            let got = conv.forward(&x);
+            let got = conv.forward(&x, &bufs);
             assert_eq!(
                 (got.h, got.w, got.c),
                 (out_side(h, stride), out_side(w, stride), cout)
@@ -1011,9 +1136,10 @@ mod tests {
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(
                 diff < 1e-4,
-                "{h}x{w} {cin}->{cout}/{stride} (direct: {}): max diff {diff}",
-                !conv.wd.is_empty()
+                "{h}x{w} {cin}->{cout}/{stride} ({}): max diff {diff}",
+                conv.kernel()
             );
+            bufs.give(got.data);
         }
     }
 
