@@ -12,7 +12,8 @@ use rayon::prelude::*;
 
 use super::{Buffers, Map, SendPtr};
 
-/// Output channels per work item: on AVX-512, four vectors of 16.
+/// Output channels per work item at most: on AVX-512, four vectors of 16. Convs with fewer
+/// outputs use groups of 32 or 16, so the kernel never multiplies padding.
 const COLS: usize = 64;
 /// Bytes of transformed input per span of tiles (half of L2 here).
 const SPAN_BYTES: usize = 512 * 1024;
@@ -25,7 +26,9 @@ const TILES: usize = 64;
 pub(super) struct Winograd {
     cin: usize,
     cout: usize,
-    /// `cout` rounded up to [`COLS`].
+    /// Output channels per group: 16, 32 or [`COLS`].
+    cols: usize,
+    /// `cout` rounded up to `cols`.
     cpad: usize,
     /// `U = G g G^T` as `[16][cin][cpad]` (position, input channel, output channel), zero-padded.
     u: Vec<f32>,
@@ -34,7 +37,12 @@ pub(super) struct Winograd {
 impl Winograd {
     /// Transforms kernels packed `[9 * cin, cout]` (row `(ky * 3 + kx) * cin + ci`).
     pub(super) fn new(w: &[f32], cin: usize, cout: usize) -> Winograd {
-        let cpad = cout.next_multiple_of(COLS);
+        let cols = match cout {
+            0..=16 => 16,
+            17..=32 => 32,
+            _ => COLS,
+        };
+        let cpad = cout.next_multiple_of(cols);
         let mut u = vec![0f32; 16 * cin * cpad];
         // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]], applied to a column or
         // a row of three taps.
@@ -52,7 +60,13 @@ impl Winograd {
                 }
             }
         }
-        Winograd { cin, cout, cpad, u }
+        Winograd {
+            cin,
+            cout,
+            cols,
+            cpad,
+            u,
+        }
     }
 
     /// The conv of `x` (pad 1, stride 1) plus `bias`, ReLU'd if `relu`.
@@ -113,7 +127,7 @@ impl Winograd {
         bufs: &Buffers,
     ) {
         let arch = pulp::Arch::new();
-        let col_groups = self.cpad / COLS;
+        let col_groups = self.cpad / self.cols;
         // Blocks as big as possible (each item reads its kernels once), but enough items for
         // every core to have two.
         let want = 2 * rayon::current_num_threads().max(1);
@@ -125,12 +139,12 @@ impl Winograd {
         (0..items).into_par_iter().for_each(|item| {
             let (tb, cg) = (item / col_groups, item % col_groups);
             let nt = block.min(n - tb * block);
-            let mut m = bufs.take(16 * block * COLS);
+            let mut m = bufs.take(16 * block * self.cols);
             arch.dispatch(Products {
                 wg: self,
                 v: &v[tb * block * 16 * self.cin..][..nt * 16 * self.cin],
                 nt,
-                c0: cg * COLS,
+                c0: cg * self.cols,
                 m: &mut m,
                 block,
             });
@@ -140,7 +154,7 @@ impl Winograd {
                 block,
                 t0: s0 + tb * block,
                 nt,
-                c0: cg * COLS,
+                c0: cg * self.cols,
                 tw,
                 bias,
                 relu,
@@ -218,8 +232,8 @@ impl WithSimd for InputTiles<'_> {
     }
 }
 
-/// Transforms products `m` (`[16][block][COLS]`) of tiles `t0..t0 + nt` back to output
-/// pixels, channels `c0..c0 + COLS` (clipped to `cout`), with bias and ReLU:
+/// Transforms products `m` (`[16][block][cols]`) of tiles `t0..t0 + nt` back to output
+/// pixels, channels `c0..c0 + cols` (clipped to `cout`), with bias and ReLU:
 /// A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] on both sides.
 struct OutputTiles<'a> {
     wg: &'a Winograd,
@@ -257,7 +271,7 @@ impl WithSimd for OutputTiles<'_> {
             h,
             w,
         } = self;
-        let n = COLS.min(wg.cout - c0);
+        let (cols, n) = (wg.cols, wg.cols.min(wg.cout - c0));
         let zero = simd.splat_f32s(0.0);
         for p in 0..nt {
             let (ty, tx) = ((t0 + p) / tw, (t0 + p) % tw);
@@ -271,7 +285,7 @@ impl WithSimd for OutputTiles<'_> {
                 for col in 0..4 {
                     let mut r = [zero; 4];
                     for (a, v) in r.iter_mut().enumerate() {
-                        *v = load(simd, &m[((a * 4 + col) * block + p) * COLS + c..][..k]);
+                        *v = load(simd, &m[((a * 4 + col) * block + p) * cols + c..][..k]);
                     }
                     let [s0, s1] = at(simd, r);
                     (s[0][col], s[1][col]) = (s0, s1);
@@ -345,14 +359,14 @@ fn at<S: Simd>(simd: S, r: [S::f32s; 4]) -> [S::f32s; 2] {
     ]
 }
 
-/// The 16 products of one work item: tiles `t0..t0 + nt`, output channels `c0..c0 + COLS`.
+/// The 16 products of one work item: its `nt` tiles, output channels `c0..c0 + cols`.
 struct Products<'a> {
     wg: &'a Winograd,
     /// The item's transformed input tiles, `[nt][16][cin]`.
     v: &'a [f32],
     nt: usize,
     c0: usize,
-    /// `[16][block][COLS]`.
+    /// `[16][block][cols]`.
     m: &'a mut [f32],
     block: usize,
 }
@@ -362,18 +376,22 @@ impl WithSimd for Products<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        // Four tiles x four vectors of accumulators fill AVX-512's 32 registers well; with 16
-        // registers (AVX2, NEON) two tiles keep them from spilling.
-        if S::F32_LANES >= 16 {
-            products::<S, 4>(simd, self)
-        } else {
-            products::<S, 2>(simd, self)
+        // P tiles x V vectors of accumulators: about 16 of AVX-512's 32 registers, or 8 of the
+        // 16 that AVX2 and NEON have, leaving room for the weights and the broadcast.
+        let vecs = (self.wg.cols / S::F32_LANES).clamp(1, 4);
+        match (S::F32_LANES >= 16, vecs) {
+            (true, 4) => products::<S, 4, 4>(simd, self),
+            (true, 2) => products::<S, 6, 2>(simd, self),
+            (true, _) => products::<S, 8, 1>(simd, self),
+            (false, 4) => products::<S, 2, 4>(simd, self),
+            (false, 2) => products::<S, 4, 2>(simd, self),
+            (false, _) => products::<S, 6, 1>(simd, self),
         }
     }
 }
 
 #[inline(always)]
-fn products<S: Simd, const P: usize>(simd: S, job: Products<'_>) {
+fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>) {
     let Products {
         wg,
         v,
@@ -382,8 +400,8 @@ fn products<S: Simd, const P: usize>(simd: S, job: Products<'_>) {
         m,
         block,
     } = job;
-    let (cin, cpad) = (wg.cin, wg.cpad);
-    let width = 4 * S::F32_LANES;
+    let (cin, cols, cpad) = (wg.cin, wg.cols, wg.cpad);
+    let width = V * S::F32_LANES;
     let zero = simd.splat_f32s(0.0);
     for xi in 0..16 {
         let u = &wg.u[xi * cin * cpad..][..cin * cpad];
@@ -394,20 +412,20 @@ fn products<S: Simd, const P: usize>(simd: S, job: Products<'_>) {
             let rows: [&[f32]; P] =
                 std::array::from_fn(|p| &v[((p0 + p.min(np - 1)) * 16 + xi) * cin..][..cin]);
             let mut c = 0;
-            while c < COLS {
-                let mut acc = [[zero; 4]; P];
+            while c < cols {
+                let mut acc = [[zero; V]; P];
                 for ci in 0..cin {
                     let (w, _) = S::as_simd_f32s(&u[ci * cpad + c0 + c..][..width]);
                     for p in 0..P {
                         // SAFETY: each row holds `cin` values and `ci < cin`.
                         let xv = simd.splat_f32s(unsafe { *rows[p].get_unchecked(ci) });
-                        for k in 0..4 {
+                        for k in 0..V {
                             acc[p][k] = simd.mul_add_f32s(xv, w[k], acc[p][k]);
                         }
                     }
                 }
                 for (p, a) in acc.iter().take(np).enumerate() {
-                    let dst = &mut m[(xi * block + p0 + p) * COLS + c..][..width];
+                    let dst = &mut m[(xi * block + p0 + p) * cols + c..][..width];
                     let (d, _) = S::as_mut_simd_f32s(dst);
                     d.copy_from_slice(a);
                 }
