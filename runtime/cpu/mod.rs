@@ -1117,6 +1117,9 @@ mod tests {
             // Winograd: channel counts off the vector width, and several spans of tiles.
             (5, 9, 40, 72, 1, true),
             (90, 50, 48, 40, 1, true),
+            // Winograd's narrower channel groups (32, then 16) with a partial vector.
+            (9, 9, 32, 20, 1, true),
+            (6, 7, 33, 16, 1, false),
         ];
         // Shared between the shapes, so each runs on buffers another left behind.
         let bufs = poisoned();
