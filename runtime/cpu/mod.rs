@@ -162,12 +162,17 @@ fn winograd_pays(cin: usize, cout: usize) -> bool {
         && cout >= WINOGRAD_MIN_COUT
 }
 
-fn out_side(n: usize, stride: usize) -> usize {
-    (n + 2 - 3) / stride + 1
+/// A conv's weights as read from the file and packed `[9 * cin, cout]` (row
+/// `(ky * 3 + kx) * cin + ci`), before a kernel is chosen.
+struct Packed {
+    cin: usize,
+    cout: usize,
+    w: Vec<f32>,
+    b: Vec<f32>,
 }
 
-impl Conv3 {
-    fn load(file: &ModelFile, at: &str, stride: usize, relu: bool) -> Result<Conv3, WeightsError> {
+impl Packed {
+    fn load(file: &ModelFile, at: &str) -> Result<Packed, WeightsError> {
         let (shape, w) = file.tensor_f32(&format!("{at}.weight"))?;
         let (_, b) = file.tensor_f32(&format!("{at}.bias"))?;
         let (cout, cin) = (shape[0], shape[1]);
@@ -179,10 +184,47 @@ impl Conv3 {
                 }
             }
         }
-        Ok(Conv3::new(cin, cout, stride, relu, packed, b))
+        Ok(Packed {
+            cin,
+            cout,
+            w: packed,
+            b,
+        })
     }
 
-    /// A conv from packed weights; prepares the direct form's layout where it will be used.
+    /// Two convs over the same input as one, `self`'s output channels first.
+    fn concat(self, other: Packed) -> Packed {
+        let w = self
+            .w
+            .chunks_exact(self.cout)
+            .zip(other.w.chunks_exact(other.cout))
+            .flat_map(|(x, y)| x.iter().chain(y).copied())
+            .collect();
+        Packed {
+            cin: self.cin,
+            cout: self.cout + other.cout,
+            w,
+            b: self.b.into_iter().chain(other.b).collect(),
+        }
+    }
+
+    fn build(self, stride: usize, relu: bool) -> Conv3 {
+        Conv3::new(self.cin, self.cout, stride, relu, self.w, self.b)
+    }
+}
+
+fn out_side(n: usize, stride: usize) -> usize {
+    (n + 2 - 3) / stride + 1
+}
+
+impl Conv3 {
+    fn load(file: &ModelFile, at: &str, stride: usize, relu: bool) -> Result<Conv3, WeightsError> {
+        Ok(Packed::load(file, at)?.build(stride, relu))
+    }
+
+    /// A conv from packed weights, laid out for the kernel that will run it: the direct
+    /// kernel's padded rows, the Winograd domain, or as given for im2col + GEMM (only that one
+    /// keeps `w`, so no conv holds two copies of its weights).
     fn new(cin: usize, cout: usize, stride: usize, relu: bool, w: Vec<f32>, b: Vec<f32>) -> Conv3 {
         let wd = if cin <= DIRECT_MAX_CIN || cout < DIRECT_MIN_COUT {
             let cpad = cout.next_multiple_of(DIRECT_PAD);
@@ -196,6 +238,11 @@ impl Conv3 {
         };
         let winograd = (wd.is_empty() && stride == 1 && winograd_pays(cin, cout))
             .then(|| Winograd::new(&w, cin, cout));
+        let w = if wd.is_empty() && winograd.is_none() {
+            w
+        } else {
+            Vec::new()
+        };
         Conv3 {
             cin,
             cout,
@@ -216,18 +263,6 @@ impl Conv3 {
             (None, false) => "direct",
             (None, true) => "im2col + gemm",
         }
-    }
-
-    /// Two convs over the same input as one, `a`'s output channels first.
-    fn concat(a: Conv3, b: Conv3) -> Conv3 {
-        let cout = a.cout + b.cout;
-        let w =
-            a.w.chunks_exact(a.cout)
-                .zip(b.w.chunks_exact(b.cout))
-                .flat_map(|(x, y)| x.iter().chain(y).copied())
-                .collect();
-        let bias = a.b.iter().chain(&b.b).copied().collect();
-        Conv3::new(a.cin, cout, a.stride, a.relu, w, bias)
     }
 
     fn forward(&self, x: &Map, bufs: &Buffers) -> Map {
@@ -774,10 +809,9 @@ impl CpuNet {
                 convs: (0..a.encoder.len())
                     .map(|i| Conv3::load(file, &format!("encoder.conv{i}"), 1, true))
                     .collect::<Result<_, _>>()?,
-                split: Conv3::concat(
-                    Conv3::load(file, "encoder.low", 2, false)?,
-                    Conv3::load(file, "encoder.high", 2, false)?,
-                ),
+                split: Packed::load(file, "encoder.low")?
+                    .concat(Packed::load(file, "encoder.high")?)
+                    .build(2, false),
             },
         };
         let (fh, fw) = c.feature_size();
@@ -1068,7 +1102,7 @@ mod tests {
     }
 
     /// Naive reference: out[oy, ox, co] = b[co] + sum over in-bounds taps and channels.
-    fn reference(conv: &Conv3, x: &Map) -> Vec<f32> {
+    fn reference(conv: &Conv3, w: &[f32], x: &Map) -> Vec<f32> {
         let (oh, ow) = (out_side(x.h, conv.stride), out_side(x.w, conv.stride));
         let mut out = vec![0f32; oh * ow * conv.cout];
         for oy in 0..oh {
@@ -1083,7 +1117,7 @@ mod tests {
                         }
                         for ci in 0..conv.cin {
                             let v = x.data[(iy as usize * x.w + ix as usize) * conv.cin + ci];
-                            acc += v * conv.w[(t * conv.cin + ci) * conv.cout + co];
+                            acc += v * w[(t * conv.cin + ci) * conv.cout + co];
                         }
                     }
                     out[(oy * ow + ox) * conv.cout + co] =
@@ -1128,6 +1162,7 @@ mod tests {
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
                 .collect();
             let b: Vec<f32> = (0..cout).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect();
+            let packed = wts.clone();
             let conv = Conv3::new(cin, cout, stride, relu, wts, b);
             let x = Map {
                 h,
@@ -1137,7 +1172,7 @@ mod tests {
                     .map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.05)
                     .collect(),
             };
-            let want = reference(&conv, &x);
+            let want = reference(&conv, &packed, &x);
             let got = conv.forward(&x, &bufs);
             assert_eq!(
                 (got.h, got.w, got.c),
