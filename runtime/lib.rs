@@ -6,6 +6,8 @@
 
 pub mod atomic;
 pub mod bench;
+#[cfg(feature = "charts")]
+pub mod charts;
 pub mod classifier;
 pub mod config;
 pub mod cpu;

@@ -55,6 +55,9 @@ pub struct Args {
     /// One JSON object (last line) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also draw the per-stage medians (with the baseline's beside them) as an SVG picture.
+    #[arg(long, value_name = "FILE.svg")]
+    chart: Option<PathBuf>,
     #[command(flatten)]
     placement: Placement,
 }
@@ -125,6 +128,41 @@ fn pipeline_overhead(clf: &Classifier, uri: &str, seconds: f64) -> Result<serde_
     )
 }
 
+/// Writes the stage chart of the timed models (atomically), titled with the speed-up.
+#[cfg(feature = "charts")]
+fn write_chart(path: &std::path::Path, models: &[Bench], reports: &[BenchReport]) -> Result<()> {
+    use anyhow::Context;
+    // The file's stem, or its directory's name for the shipped layout (`models/NAME/model.*`).
+    let name = |b: &Bench| {
+        let p = std::path::Path::new(&b.path);
+        let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned());
+        match (stem.as_deref(), p.parent().and_then(|d| d.file_name())) {
+            (Some("model"), Some(dir)) => dir.to_string_lossy().into_owned(),
+            (Some(s), _) => s.to_string(),
+            (None, _) => b.path.clone(),
+        }
+    };
+    let names: Vec<String> = models.iter().map(name).collect();
+    let runs: Vec<(&str, &BenchReport)> = names.iter().map(String::as_str).zip(reports).collect();
+    let mut title = format!("wae-edge bench, batch {}, p50 per stage", reports[0].batch);
+    if let Some(b) = reports.get(1) {
+        title += &format!(
+            ": {:.2}x faster than {}",
+            b.p50_ms / reports[0].p50_ms,
+            names[1]
+        );
+    }
+    let svg = wae_edge::charts::stage_chart_svg(&runs, &title)?;
+    wae_edge::atomic::write(path, svg.as_bytes())
+        .with_context(|| format!("cannot write the chart to {}", path.display()))
+}
+
+/// Without the `charts` feature there is nothing to draw with.
+#[cfg(not(feature = "charts"))]
+fn write_chart(_: &std::path::Path, _: &[Bench], _: &[BenchReport]) -> Result<()> {
+    anyhow::bail!("this build has no charts: rebuild with the `charts` feature (on by default)")
+}
+
 pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(t) = a.threads {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
@@ -168,6 +206,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     if let Some(p) = &pipeline {
         out["pipeline"] = p.clone();
+    }
+    if let Some(path) = &a.chart {
+        write_chart(path, &models, &reports)?;
     }
     if a.json {
         println!("{out}");

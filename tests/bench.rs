@@ -1,0 +1,113 @@
+//! `wae-edge bench`: the JSON contract of issue 5 (percentiles, stages, baseline, speed-up) and
+//! the stage chart. Times are not asserted, only their consistency.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+/// A wae-fashion and a plain-fashion model in `dir`.
+fn two_models(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (wae, plain) = (dir.join("wae.safetensors"), dir.join("plain.safetensors"));
+    for (preset, path) in [("wae-fashion", &wae), ("plain-fashion", &plain)] {
+        bin()
+            .args(["new", "--preset", preset, "-o"])
+            .arg(path)
+            .assert()
+            .success();
+    }
+    (wae, plain)
+}
+
+#[test]
+fn json_reports_percentiles_stages_and_the_speedup() {
+    let d = tempfile::tempdir().unwrap();
+    let (wae, plain) = two_models(d.path());
+    let out = bin()
+        .args([
+            "bench", "--iters", "5", "--warmup", "1", "--json", "--model",
+        ])
+        .arg(&wae)
+        .arg("--baseline")
+        .arg(&plain)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: Value = serde_json::from_str(text.trim().lines().last().unwrap()).unwrap();
+    for side in ["model", "baseline"] {
+        let r = &v[side];
+        let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{side}.{k}: {r}"));
+        assert!(f("p50_ms") > 0.0 && f("p50_ms") <= f("p90_ms") && f("p90_ms") <= f("p99_ms"));
+        assert!(f("min_ms") <= f("p50_ms"));
+        assert!((f("fps") - 1e3 / f("p50_ms")).abs() < 1e-6 * f("fps"));
+        assert!(r["iters"].as_u64().unwrap() >= 5);
+    }
+    // The WAE reports all four stages; the plain model has no branch time.
+    for stage in ["encoder", "backbone", "branch", "heads"] {
+        assert!(
+            v["model"]["stages"][stage]["p50_ms"].as_f64().unwrap() > 0.0,
+            "{stage}"
+        );
+    }
+    let speedup = v["speedup"].as_f64().unwrap();
+    let want = v["baseline"]["p50_ms"].as_f64().unwrap() / v["model"]["p50_ms"].as_f64().unwrap();
+    assert!((speedup - want).abs() < 1e-9, "{speedup} vs {want}");
+}
+
+#[test]
+fn chart_is_an_svg_of_both_models_stages() {
+    let d = tempfile::tempdir().unwrap();
+    let (wae, plain) = two_models(d.path());
+    let chart = d.path().join("stages.svg");
+    let out = bin()
+        .args(["bench", "--iters", "3", "--warmup", "1", "--model"])
+        .arg(&wae)
+        .arg("--baseline")
+        .arg(&plain)
+        .arg("--chart")
+        .arg(&chart)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+    for label in [
+        "encoder",
+        "I_L backbone",
+        "I_H branch",
+        "heads",
+        "whole pass",
+        "\nwae\n",
+        "\nplain\n",
+    ] {
+        assert!(svg.contains(label), "no {label:?} in the chart");
+    }
+    // Written through a temporary file and a rename: nothing else is left beside it.
+    let mut names: Vec<String> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["plain.safetensors", "stages.svg", "wae.safetensors"]
+    );
+}
+
+#[test]
+fn chart_into_a_missing_directory_is_a_one_line_error() {
+    let d = tempfile::tempdir().unwrap();
+    let (wae, _) = two_models(d.path());
+    let out = bin()
+        .args(["bench", "--iters", "2", "--warmup", "0", "--model"])
+        .arg(&wae)
+        .arg("--chart")
+        .arg(d.path().join("no/such/dir/stages.svg"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot write the chart"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
