@@ -668,18 +668,26 @@ impl Dense {
         y
     }
 
-    /// `y += W x` with f16 `W`: blocks of each row are widened to f32 (F16C where the CPU has
-    /// it, through `half`) and dotted with `x`; row groups run on all cores, since memory
-    /// bandwidth, not arithmetic, is the limit.
+    /// `y += W x` with f16 `W`: each row is widened to f32 and dotted with `x`, in registers
+    /// (F16C + FMA) where the CPU has them, else in blocks through `half`; row groups run on all
+    /// cores, since memory bandwidth, not arithmetic, is the limit.
     fn gemv_f16(&self, x: &[f32], y: &mut [f32]) {
         use half::slice::HalfFloatSliceExt;
         let arch = pulp::Arch::new();
+        #[cfg(target_arch = "x86_64")]
+        let fused = is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma");
         y.par_chunks_mut(DENSE_ROWS)
             .enumerate()
             .for_each(|(g, ys)| {
                 let mut buf = [0f32; DENSE_BLOCK];
                 for (r, yo) in ys.iter_mut().enumerate() {
                     let row = &self.w16[(g * DENSE_ROWS + r) * self.n_in..][..self.n_in];
+                    #[cfg(target_arch = "x86_64")]
+                    if fused {
+                        // SAFETY: F16C and FMA were detected above.
+                        *yo += unsafe { dot_f16_f16c(x, row) };
+                        continue;
+                    }
                     for (ws, xs) in row.chunks(DENSE_BLOCK).zip(x.chunks(DENSE_BLOCK)) {
                         let wf = &mut buf[..ws.len()];
                         ws.convert_to_f32_slice(wf);
@@ -688,6 +696,41 @@ impl Dense {
                 }
             });
     }
+}
+
+/// `x . w` with `w` widened from f16 in registers: one pass over the weights, where `half`'s
+/// slice conversion makes a call per 8 values and a second pass over a buffer (measured: VGG16's
+/// heads went from 22 to 12 ms, WAE-VGG16's from 6.8 to 3.7).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,fma,f16c")]
+fn dot_f16_f16c(x: &[f32], w: &[half::f16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len().min(w.len());
+    let main = n - n % 32;
+    let (xp, wp) = (x.as_ptr(), w.as_ptr().cast::<u16>());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for i in (0..main).step_by(32) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8k + 8 <= main <= n, the length of both slices.
+            let (wh, xv) = unsafe {
+                (
+                    _mm_loadu_si128(wp.add(i + 8 * k).cast::<__m128i>()),
+                    _mm256_loadu_ps(xp.add(i + 8 * k)),
+                )
+            };
+            *a = _mm256_fmadd_ps(xv, _mm256_cvtph_ps(wh), *a);
+        }
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), s) };
+    let tail: f32 = x[main..n]
+        .iter()
+        .zip(&w[main..n])
+        .map(|(a, b)| a * b.to_f32())
+        .sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// A dot product in four SIMD accumulators.
@@ -1193,10 +1236,11 @@ mod tests {
 
     /// Large FC layers keep f16 weights: the blocked, parallel GEMV equals the plain sum over
     /// the same (f16-rounded) weights, with a row count that is not a multiple of the row group
-    /// and a width that is not a multiple of the block.
+    /// and a width that is not a multiple of the block or of the fused kernel's 32 (the last
+    /// three inputs are non-zero, so a dropped tail shows).
     #[test]
     fn f16_gemv_matches_the_plain_sum() {
-        let (n_out, n_in) = (700, 2 * DENSE_BLOCK + 97);
+        let (n_out, n_in) = (700, 2 * DENSE_BLOCK + 99);
         assert!(n_out * n_in >= DENSE_F16_MIN);
         let w16: Vec<half::f16> = (0..n_out * n_in)
             .map(|i| half::f16::from_f32(((i * 7919 % 2003) as f32 - 1001.0) * 1e-3))
