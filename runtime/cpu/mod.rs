@@ -1,8 +1,10 @@
 //! wae-edge's own CPU inference path for the inference network. Candle's CPU conv2d re-lays out
 //! the input (NCHW -> NHWC) and re-flattens the kernel on every call, which dominates small maps;
-//! here activations stay NHWC end to end, kernels are packed once at load into `[9 * C_in, C_out]`,
-//! each conv is a tiled im2col + one GEMM per tile through the `gemm` crate (candle's own GEMM,
-//! near the machine's FMA peak), bias and ReLU are fused into the GEMM's output pass, and the
+//! here activations stay NHWC end to end and kernels are laid out once at load for the kernel
+//! chosen per conv: Winograd F(2x2,3x3) for stride-1 convs with 32+ input channels
+//! (`winograd.rs`), a direct register-blocked SIMD kernel for few channels, and otherwise a tiled
+//! im2col + one GEMM per tile through the `gemm` crate (candle's own GEMM). Bias and ReLU are
+//! fused into each kernel's output pass, buffers come from a pool kept between frames, and the
 //! first fully connected layer of each head has its columns permuted at load so the NHWC
 //! flatten feeds it directly. Results match the candle path within f32 rounding (tests compare).
 

@@ -2,7 +2,7 @@
 //! transformed (`B^T d B`, `G g G^T`) so that a 2x2 output tile, `A^T [U . V] A`, costs 16
 //! multiplies per channel pair instead of 36: 2.25x fewer, which is how a path already near the
 //! FMA peak gets faster. Kernels are transformed once at load. A frame transforms its input tiles
-//! (vectorised across the NHWC channels), then for each block of tiles and 64 output channels
+//! (vectorised across the NHWC channels), then for each block of tiles and group of output channels
 //! runs the 16 `[tiles x cin] x [cin x cout]` products in a register-blocked SIMD kernel and
 //! transforms them straight back to output pixels, with bias and ReLU. Rounding differs from the
 //! direct sum by a few ulps (the transforms add and halve); tests bound it.
