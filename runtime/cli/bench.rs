@@ -130,19 +130,19 @@ fn pipeline_overhead(clf: &Classifier, uri: &str, seconds: f64) -> Result<serde_
 
 /// Writes the stage chart of the timed models (atomically), titled with the speed-up.
 #[cfg(feature = "charts")]
-fn write_chart(path: &std::path::Path, models: &[Bench], reports: &[BenchReport]) -> Result<()> {
+fn write_chart(path: &std::path::Path, reports: &[BenchReport]) -> Result<()> {
     use anyhow::Context;
     // The file's stem, or its directory's name for the shipped layout (`models/NAME/model.*`).
-    let name = |b: &Bench| {
-        let p = std::path::Path::new(&b.path);
+    let name = |r: &BenchReport| {
+        let p = std::path::Path::new(&r.model);
         let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned());
         match (stem.as_deref(), p.parent().and_then(|d| d.file_name())) {
             (Some("model"), Some(dir)) => dir.to_string_lossy().into_owned(),
             (Some(s), _) => s.to_string(),
-            (None, _) => b.path.clone(),
+            (None, _) => r.model.clone(),
         }
     };
-    let names: Vec<String> = models.iter().map(name).collect();
+    let names: Vec<String> = reports.iter().map(name).collect();
     let runs: Vec<(&str, &BenchReport)> = names.iter().map(String::as_str).zip(reports).collect();
     let mut title = format!("wae-edge bench, batch {}, p50 per stage", reports[0].batch);
     if let Some(b) = reports.get(1) {
@@ -159,7 +159,7 @@ fn write_chart(path: &std::path::Path, models: &[Bench], reports: &[BenchReport]
 
 /// Without the `charts` feature there is nothing to draw with.
 #[cfg(not(feature = "charts"))]
-fn write_chart(_: &std::path::Path, _: &[Bench], _: &[BenchReport]) -> Result<()> {
+fn write_chart(_: &std::path::Path, _: &[BenchReport]) -> Result<()> {
     anyhow::bail!("this build has no charts: rebuild with the `charts` feature (on by default)")
 }
 
@@ -208,7 +208,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         out["pipeline"] = p.clone();
     }
     if let Some(path) = &a.chart {
-        write_chart(path, &models, &reports)?;
+        write_chart(path, &reports)?;
     }
     if a.json {
         println!("{out}");

@@ -381,7 +381,8 @@ impl Conv3 {
     }
 }
 
-/// A raw output pointer handed to the two halves of a column split.
+/// A raw output pointer shared by threads that write disjoint parts of one buffer (the halves
+/// of a GEMM column split, Winograd's work items).
 struct SendPtr(*mut f32);
 // SAFETY: used only where the threads write disjoint parts of a buffer that outlives them.
 unsafe impl Sync for SendPtr {}
@@ -918,9 +919,9 @@ impl CpuNet {
         assert_eq!(nchw.len(), n * per, "input is not [n, C, H, W]");
         let mut times = StageTimes::default();
         let mut logits = Vec::with_capacity(n * self.config.classes);
+        let bufs = &self.bufs;
         for img in nchw.chunks_exact(per) {
             let t = Instant::now();
-            let bufs = &self.bufs;
             let plane = i.height * i.width;
             let mut x = bufs.map(i.height, i.width, i.channels);
             for ch in 0..i.channels {
