@@ -2,7 +2,10 @@
 //! and Haar variants, and the training-only decoder. Written like candle-transformers'
 //! `resnet.rs`: small builders that take a `VarBuilder` path and compose with `apply`.
 
+mod conv_grad;
 pub mod macs;
+
+pub use conv_grad::conv3x3_same;
 
 use std::time::{Duration, Instant};
 
@@ -36,7 +39,15 @@ pub fn conv3x3(
     };
     let conv = candle_nn::conv2d(c_in, c_out, 3, cfg, vb)?;
     Ok(FuncT::new(move |xs, train| {
-        let mut ys = xs.apply(&conv)?;
+        let mut ys = if train && stride == 1 {
+            let ys = conv3x3_same(xs, conv.weight())?;
+            match conv.bias() {
+                Some(bias) => ys.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?,
+                None => ys,
+            }
+        } else {
+            xs.apply(&conv)?
+        };
         if let Some(bn) = &bn {
             ys = ys.apply_t(bn, train)?;
         }

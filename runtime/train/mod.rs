@@ -369,6 +369,21 @@ pub struct TrainReport {
     pub metrics: Vec<EpochMetrics>,
 }
 
+/// Asks glibc to keep freed tensor memory for reuse. A CPU training step allocates and frees
+/// hundreds of multi-megabyte tensors; above glibc's default 128 KB threshold each one is a fresh
+/// `mmap`, so every step paid for page faults, page zeroing and TLB shoot-downs between the two
+/// cores (15% of a profile). 32 MB is glibc's largest threshold and above any tensor of the
+/// presets' training batches. Measured: 100 steps of the 7-conv WAE went from 126 to 104 s.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; it is safe to call at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 /// Trains (or resumes) a run in `dir` on `train`, on `dev`; returns the exportable model. The
 /// device is not part of the options: a run may resume on another one.
 pub fn train(
@@ -379,6 +394,9 @@ pub fn train(
     dev: &Device,
 ) -> Result<TrainReport> {
     let run = RunDir(dir.to_path_buf());
+    if dev.is_cpu() {
+        keep_freed_memory();
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut state = if resume && run.state().exists() {
         let s: RunState = serde_json::from_str(&std::fs::read_to_string(run.state())?)
