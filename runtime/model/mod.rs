@@ -2,10 +2,10 @@
 //! and Haar variants, and the training-only decoder. Written like candle-transformers'
 //! `resnet.rs`: small builders that take a `VarBuilder` path and compose with `apply`.
 
-mod conv_grad;
 pub mod macs;
+mod train_ops;
 
-pub use conv_grad::conv3x3_same;
+pub use train_ops::{batch_norm_train, conv3x3_same};
 
 use std::time::{Duration, Instant};
 
@@ -48,8 +48,10 @@ pub fn conv3x3(
         } else {
             xs.apply(&conv)?
         };
-        if let Some(bn) = &bn {
-            ys = ys.apply_t(bn, train)?;
+        match &bn {
+            Some(bn) if train => return batch_norm_train(&ys, bn, relu),
+            Some(bn) => ys = ys.apply_t(bn, false)?,
+            None => {}
         }
         if relu {
             ys.relu()
