@@ -3,7 +3,7 @@
 //! `resnet.rs`: small builders that take a `VarBuilder` path and compose with `apply`.
 
 pub mod macs;
-mod train_ops;
+pub mod train_ops;
 
 pub use train_ops::{batch_norm_train, conv3x3_same};
 

@@ -14,8 +14,23 @@
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns these ops on (the default) or off, falling back to candle's own: for side-by-side
+/// measurements (`cargo bench --bench train_step`).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether these ops apply to a tensor: on the CPU, in f32, and not switched off.
+fn applies(xs: &Tensor) -> bool {
+    ENABLED.load(Ordering::Relaxed) && xs.device().is_cpu() && xs.dtype() == DType::F32
+}
 
 /// The contiguous f32 data behind a custom op's input.
 fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -254,7 +269,7 @@ impl CustomOp2 for Conv3x3KernelGrad {
 /// `xs.conv2d(kernel, padding 1, stride 1)`, with the faster backward on the CPU in f32 and
 /// candle's own convolution everywhere else.
 pub fn conv3x3_same(xs: &Tensor, kernel: &Tensor) -> Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 && kernel.dtype() == DType::F32 {
+    if applies(xs) && kernel.dtype() == DType::F32 {
         xs.contiguous()?
             .apply_op2(&kernel.contiguous()?, Conv3x3Same)
     } else {
@@ -447,7 +462,7 @@ impl CustomOp3 for BatchNormReluGrad {
 /// statistics as candle_nn's `BatchNorm::forward_train` does. Fused on the CPU in f32 (see the
 /// module doc); candle_nn's own everywhere else.
 pub fn batch_norm_train(xs: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
-    let fused = xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.rank() == 4;
+    let fused = applies(xs) && xs.rank() == 4;
     let (Some((gamma, beta)), true) = (bn.weight_and_bias(), fused) else {
         let ys = bn.forward_train(xs)?;
         return if relu { ys.relu() } else { Ok(ys) };
