@@ -82,7 +82,7 @@ pub struct TrainArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Training images held out for validation.
+    /// Training images held out for validation (0: train on all, after choosing settings).
     #[arg(long, default_value_t = 5000)]
     val: usize,
     /// Use at most N training images.

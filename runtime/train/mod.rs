@@ -530,14 +530,21 @@ pub fn train(
                 }
             }
             bar.finish_and_clear();
-            let (val_acc, val_rec, val_energy) = nets.validate(&pre, &val, dev)?;
             let has_cls = stage != Stage::AutoEncoder;
+            // `--val 0` trains on every image (after choosing settings on a split) and reports
+            // no validation numbers rather than zeros.
+            let (val_acc, val_rec, val_energy) = if val.is_empty() {
+                (None, None, None)
+            } else {
+                let (acc, rec, energy) = nets.validate(&pre, &val, dev)?;
+                (has_cls.then_some(acc), rec, energy)
+            };
             let m = EpochMetrics {
                 stage,
                 epoch: epoch + 1,
                 train_loss: loss_sum / seen.max(1) as f64,
                 train_acc: has_cls.then_some(correct as f64 / seen.max(1) as f64),
-                val_acc: has_cls.then_some(val_acc),
+                val_acc,
                 val_rec,
                 val_energy,
                 lr,
