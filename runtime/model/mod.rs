@@ -5,7 +5,7 @@
 pub mod macs;
 pub mod train_ops;
 
-pub use train_ops::{batch_norm_train, conv3x3_same};
+pub use train_ops::{batch_norm_train, conv3x3_train};
 
 use std::time::{Duration, Instant};
 
@@ -39,8 +39,8 @@ pub fn conv3x3(
     };
     let conv = candle_nn::conv2d(c_in, c_out, 3, cfg, vb)?;
     Ok(FuncT::new(move |xs, train| {
-        let mut ys = if train && stride == 1 {
-            let ys = conv3x3_same(xs, conv.weight())?;
+        let mut ys = if train {
+            let ys = conv3x3_train(xs, conv.weight(), stride)?;
             match conv.bias() {
                 Some(bias) => ys.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?,
                 None => ys,
