@@ -27,6 +27,66 @@ const TILE_BYTES: usize = 256 * 1024;
 /// cores (measured: 4x4 128->256, 4.7 M, gains; 4x4 64->128, 1.2 M, loses to the hand-off).
 const COLUMN_SPLIT_MIN: usize = 2 << 20;
 
+/// A row-major or transposed view of a matrix in a slice: element `(r, c)` is at
+/// `r * row_stride + c * col_stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl View<'_> {
+    /// Checks that a `rows x cols` matrix lies inside the slice.
+    fn check(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
+            assert!(last < self.data.len(), "matrix view out of bounds");
+        }
+    }
+}
+
+/// `dst (m x n, row-major) = [dst +] lhs (m x k) * rhs (k x n)` through the `gemm` crate, on the
+/// calling thread (the callers parallelise).
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: View,
+    rhs: View,
+    add: bool,
+) {
+    assert!(dst.len() >= m * n);
+    lhs.check(m, k);
+    rhs.check(k, n);
+    // SAFETY: the three matrices lie inside their slices (checked above), and `dst` is borrowed
+    // mutably, so nothing else reads or writes it during the call.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            add,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// A 3x3 conv (pad 1) with packed weights.
 struct Conv3 {
     cin: usize,
@@ -640,30 +700,17 @@ impl Dense {
             self.gemv_f16(x, &mut y);
         } else {
             // y[1, out] += x[1, in] . W^T, reading W [out, in] in place through strides.
-            // SAFETY: x has n_in values, W n_out x n_in, y n_out; y does not alias them.
-            unsafe {
-                gemm::gemm(
-                    1,
-                    self.n_out,
-                    self.n_in,
-                    y.as_mut_ptr(),
-                    1,
-                    self.n_out as isize,
-                    true,
-                    x.as_ptr(),
-                    1,
-                    self.n_in as isize,
-                    self.w.as_ptr(),
-                    self.n_in as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            let x = View {
+                data: x,
+                row_stride: self.n_in,
+                col_stride: 1,
+            };
+            let w_t = View {
+                data: &self.w,
+                row_stride: 1,
+                col_stride: self.n_in,
+            };
+            gemm_into(&mut y, 1, self.n_out, self.n_in, x, w_t, true);
         }
         if relu {
             y.iter_mut().for_each(|v| *v = v.max(0.0));

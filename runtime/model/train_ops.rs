@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
+use crate::cpu::{gemm_into, View};
+
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// Turns these ops on (the default) or off, falling back to candle's own: for side-by-side
@@ -82,65 +84,16 @@ fn im2col_image(x: &[f32], c: usize, h: usize, w: usize, cols: &mut [f32]) {
     }
 }
 
-/// A row-major or transposed view of a matrix in a slice: element `(r, c)` is at
-/// `r * row_stride + c * col_stride`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
+/// A 3x3 convolution with padding 1 of NCHW `x` with an OIHW kernel, no bias: one im2col and
+/// one GEMM per image, images in parallel, so each image's 9 C x HoWo matrix stays in the
+/// core's L2.
+struct Conv3x3 {
+    stride: usize,
 }
 
-impl View<'_> {
-    /// Checks that a `rows x cols` matrix lies inside the slice.
-    fn check(&self, rows: usize, cols: usize) {
-        if rows > 0 && cols > 0 {
-            let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
-            assert!(last < self.data.len(), "matrix view out of bounds");
-        }
-    }
-}
-
-/// `dst (m x n, row-major) = [dst +] lhs (m x k) * rhs (k x n)` through the `gemm` crate, on the
-/// calling thread (the callers parallelise over images).
-fn gemm_into(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, add: bool) {
-    assert!(dst.len() >= m * n);
-    lhs.check(m, k);
-    rhs.check(k, n);
-    // SAFETY: the three matrices lie inside their slices (checked above), and `dst` is borrowed
-    // mutably, so nothing else reads or writes it during the call.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            add,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
-/// A 3x3 "same" convolution of NCHW `x` with an OIHW kernel, no bias: one im2col and one GEMM
-/// per image, images in parallel, so each image's 9 C x HW matrix stays in the core's L2.
-struct Conv3x3Same;
-
-impl CustomOp2 for Conv3x3Same {
+impl CustomOp2 for Conv3x3 {
     fn name(&self) -> &'static str {
-        "conv3x3-same"
+        "conv3x3"
     }
 
     fn cpu_fwd(
@@ -154,37 +107,39 @@ impl CustomOp2 for Conv3x3Same {
         let kernel = f32_data(s2, l2, self.name())?;
         let (b, c, h, w) = l1.shape().dims4()?;
         let (c_out, k_in, ..) = l2.shape().dims4()?;
-        if k_in != c || l2.shape().dims()[2..] != [3, 3] {
+        if k_in != c || l2.shape().dims()[2..] != [3, 3] || h == 0 || w == 0 {
             bail!(
-                "conv3x3-same: kernel {:?} for input {:?}",
+                "conv3x3: kernel {:?} for input {:?}",
                 l2.shape(),
                 l1.shape()
             )
         }
-        let (k, hw) = (9 * c, h * w);
-        let mut ys = vec![0f32; b * c_out * hw];
+        let s = self.stride;
+        let (ho, wo) = (strided_out(h, s), strided_out(w, s));
+        let (k, hwo) = (9 * c, ho * wo);
+        let mut ys = vec![0f32; b * c_out * hwo];
         if !ys.is_empty() && k > 0 {
             let weights = View {
                 data: kernel,
                 row_stride: k,
                 col_stride: 1,
             };
-            ys.par_chunks_mut(c_out * hw)
-                .zip(x.par_chunks(c * hw))
+            ys.par_chunks_mut(c_out * hwo)
+                .zip(x.par_chunks(c * h * w))
                 .for_each_init(
-                    || vec![0f32; k * hw],
+                    || vec![0f32; k * hwo],
                     |cols, (ys, x)| {
-                        im2col_image(x, c, h, w, cols);
+                        im2col(x, c, h, w, s, cols);
                         let cols = View {
                             data: cols,
-                            row_stride: hw,
+                            row_stride: hwo,
                             col_stride: 1,
                         };
-                        gemm_into(ys, c_out, hw, k, weights, cols, false);
+                        gemm_into(ys, c_out, hwo, k, weights, cols, false);
                     },
                 );
         }
-        Ok((CpuStorage::F32(ys), Shape::from((b, c_out, h, w))))
+        Ok((CpuStorage::F32(ys), Shape::from((b, c_out, ho, wo))))
     }
 
     fn bwd(
@@ -195,29 +150,39 @@ impl CustomOp2 for Conv3x3Same {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        // The input gradient of a "same" convolution is the convolution of the output gradient
-        // with the kernel flipped and its channel axes swapped. Skipped for an input that needs
-        // none (the first conv after a frozen encoder).
-        let grad_xs = if xs.track_op() {
-            let flipped = kernel.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-            Some(grad.apply_op2_no_bwd(&flipped, &Conv3x3Same)?)
-        } else {
-            None
+        // Skipped for an input that needs none (the first conv after a frozen encoder).
+        let grad_xs = match (xs.track_op(), self.stride) {
+            (false, _) => None,
+            // At stride 1 the input gradient is the convolution of the output gradient with the
+            // kernel flipped and its channel axes swapped.
+            (true, 1) => {
+                let flipped = kernel.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+                Some(grad.apply_op2_no_bwd(&flipped, &Conv3x3 { stride: 1 })?)
+            }
+            (true, stride) => {
+                let op = Conv3x3StridedInputGrad {
+                    stride,
+                    shape: xs.shape().clone(),
+                };
+                Some(grad.apply_op2_no_bwd(kernel, &op)?)
+            }
         };
-        let grad_kernel = xs.apply_op2_no_bwd(&grad, &Conv3x3KernelGrad { stride: 1 })?;
+        let op = Conv3x3KernelGrad {
+            stride: self.stride,
+        };
+        let grad_kernel = xs.apply_op2_no_bwd(&grad, &op)?;
         Ok((grad_xs, Some(grad_kernel)))
     }
 }
 
-/// The kernel gradient of [`Conv3x3Same`] and [`Conv3x3Strided`], (x, dy) -> dW: the sum over
-/// images of dY_b (C_out x HoWo) * im2col(x_b)^T, each thread summing its own images.
+/// The kernel gradient of [`Conv3x3`], (x, dy) -> dW: the sum over images of dY_b (C_out x HoWo) * im2col(x_b)^T, each thread summing its own images.
 struct Conv3x3KernelGrad {
     stride: usize,
 }
 
 impl CustomOp2 for Conv3x3KernelGrad {
     fn name(&self) -> &'static str {
-        "conv3x3-same-kernel-grad"
+        "conv3x3-kernel-grad"
     }
 
     fn cpu_fwd(
@@ -234,7 +199,7 @@ impl CustomOp2 for Conv3x3KernelGrad {
         let s = self.stride;
         if h == 0 || w == 0 || (b2, h2, w2) != (b, strided_out(h, s), strided_out(w, s)) {
             bail!(
-                "conv3x3-same: gradient {:?} for input {:?}",
+                "conv3x3: gradient {:?} for input {:?}",
                 l2.shape(),
                 l1.shape()
             )
@@ -249,11 +214,7 @@ impl CustomOp2 for Conv3x3KernelGrad {
                 .fold(
                     || (zeros(), vec![0f32; k * hwo]),
                     |(mut acc, mut cols), (dy, x)| {
-                        if s == 1 {
-                            im2col_image(x, c, h, w, &mut cols);
-                        } else {
-                            im2col_strided(x, c, h, w, s, &mut cols);
-                        }
+                        im2col(x, c, h, w, s, &mut cols);
                         let dy = View {
                             data: dy,
                             row_stride: hwo,
@@ -278,18 +239,14 @@ impl CustomOp2 for Conv3x3KernelGrad {
     }
 }
 
-/// `xs.conv2d(kernel, padding 1, stride)` for training: [`Conv3x3Same`] at stride 1 and
-/// [`Conv3x3Strided`] above it on the CPU in f32, candle's own convolution everywhere else.
+/// `xs.conv2d(kernel, padding 1, stride)` for training: [`Conv3x3`] on the CPU in f32, candle's
+/// own convolution everywhere else.
 pub fn conv3x3_train(xs: &Tensor, kernel: &Tensor, stride: usize) -> Result<Tensor> {
     if !(applies(xs) && kernel.dtype() == DType::F32 && stride > 0) {
         return xs.conv2d(kernel, 1, stride, 1, 1);
     }
-    let (xs, kernel) = (xs.contiguous()?, kernel.contiguous()?);
-    if stride == 1 {
-        xs.apply_op2(&kernel, Conv3x3Same)
-    } else {
-        xs.apply_op2(&kernel, Conv3x3Strided { stride })
-    }
+    xs.contiguous()?
+        .apply_op2(&kernel.contiguous()?, Conv3x3 { stride })
 }
 
 /// Output size of a 3x3 convolution with padding 1 and `stride` along a side of `n`.
@@ -320,89 +277,17 @@ fn im2col_strided(x: &[f32], c: usize, h: usize, w: usize, stride: usize, cols: 
     }
 }
 
-/// A 3x3 convolution with padding 1 and a stride above 1 (the WAE encoder's split), NCHW, no
-/// bias: im2col and one GEMM per image; the input gradient scatters W^T dY back (col2im).
-struct Conv3x3Strided {
-    stride: usize,
-}
-
-impl CustomOp2 for Conv3x3Strided {
-    fn name(&self) -> &'static str {
-        "conv3x3-strided"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_data(s1, l1, self.name())?;
-        let kernel = f32_data(s2, l2, self.name())?;
-        let (b, c, h, w) = l1.shape().dims4()?;
-        let (c_out, k_in, ..) = l2.shape().dims4()?;
-        if k_in != c || l2.shape().dims()[2..] != [3, 3] || h == 0 || w == 0 {
-            bail!(
-                "conv3x3-strided: kernel {:?} for input {:?}",
-                l2.shape(),
-                l1.shape()
-            )
-        }
-        let s = self.stride;
-        let (k, hwo) = (9 * c, strided_out(h, s) * strided_out(w, s));
-        let mut ys = vec![0f32; b * c_out * hwo];
-        if !ys.is_empty() && k > 0 {
-            let weights = View {
-                data: kernel,
-                row_stride: k,
-                col_stride: 1,
-            };
-            ys.par_chunks_mut(c_out * hwo)
-                .zip(x.par_chunks(c * h * w))
-                .for_each_init(
-                    || vec![0f32; k * hwo],
-                    |cols, (ys, x)| {
-                        im2col_strided(x, c, h, w, s, cols);
-                        let cols = View {
-                            data: cols,
-                            row_stride: hwo,
-                            col_stride: 1,
-                        };
-                        gemm_into(ys, c_out, hwo, k, weights, cols, false);
-                    },
-                );
-        }
-        let shape = (b, c_out, strided_out(h, s), strided_out(w, s));
-        Ok((CpuStorage::F32(ys), Shape::from(shape)))
-    }
-
-    fn bwd(
-        &self,
-        xs: &Tensor,
-        kernel: &Tensor,
-        _ys: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let grad_xs = if xs.track_op() {
-            let op = Conv3x3StridedInputGrad {
-                stride: self.stride,
-                shape: xs.shape().clone(),
-            };
-            Some(grad.apply_op2_no_bwd(kernel, &op)?)
-        } else {
-            None
-        };
-        let op = Conv3x3KernelGrad {
-            stride: self.stride,
-        };
-        let grad_kernel = xs.apply_op2_no_bwd(&grad, &op)?;
-        Ok((grad_xs, Some(grad_kernel)))
+/// The im2col matrix of one CHW image for a 3x3 convolution with padding 1 and `stride`:
+/// row copies at stride 1, a per-element gather above.
+fn im2col(x: &[f32], c: usize, h: usize, w: usize, stride: usize, cols: &mut [f32]) {
+    if stride == 1 {
+        im2col_image(x, c, h, w, cols);
+    } else {
+        im2col_strided(x, c, h, w, stride, cols);
     }
 }
 
-/// The input gradient of [`Conv3x3Strided`], (dy, W) -> dx: per image, W^T dY_b scattered back
+/// The input gradient of [`Conv3x3`] at a stride above 1, (dy, W) -> dx: per image, W^T dY_b scattered back
 /// onto the input pixels each column came from.
 struct Conv3x3StridedInputGrad {
     stride: usize,
