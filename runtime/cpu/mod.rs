@@ -213,7 +213,8 @@ impl Map {
 /// in the Winograd domain; `WAE_EDGE_NO_WINOGRAD=1` turns it off, for comparisons. Measured
 /// per layer: 1.3-2x faster from 32 input channels on (56x56 32->32: 355 -> 290 us; 28x28
 /// 256->256: 4.2 -> 2.4 ms); at 16 the transforms outweigh the saved multiplies (224x224
-/// 16->16: 1.55 ms direct, 2.2 ms Winograd).
+/// 16->16: 1.55 ms direct, 2.2 ms Winograd; fused, 1.97 against 2.19 ms, level at 56x56 and
+/// 112x112, faster only at 14x14).
 const WINOGRAD_MIN_CIN: usize = 32;
 const WINOGRAD_MIN_COUT: usize = 16;
 
@@ -1247,6 +1248,11 @@ mod tests {
             // Winograd's narrower channel groups (32, then 16) with a partial vector.
             (9, 9, 32, 20, 1, true),
             (6, 7, 33, 16, 1, false),
+            // Winograd with few inputs (each item transforms its own tiles): two channel
+            // groups and a short last block of tiles.
+            (30, 22, 32, 72, 1, true),
+            // Kernels big enough for blocks of more than 64 tiles (110 tiles, 4 groups).
+            (22, 20, 512, 200, 1, true),
         ];
         // Shared between the shapes, so each runs on buffers another left behind.
         let bufs = poisoned();

@@ -4,8 +4,10 @@
 //! FMA peak gets faster. Kernels are transformed once at load. A frame transforms its input tiles
 //! (vectorised across the NHWC channels), then for each block of tiles and group of output channels
 //! runs the 16 `[tiles x cin] x [cin x cout]` products in a register-blocked SIMD kernel and
-//! transforms them straight back to output pixels, with bias and ReLU. Rounding differs from the
-//! direct sum by a few ulps (the transforms add and halve); tests bound it.
+//! transforms them straight back to output pixels, with bias and ReLU. With few input channels
+//! each work item transforms its own tiles instead (`forward_fused`): one parallel loop a frame.
+//! Rounding differs from the direct sum by a few ulps (the transforms add and halve); tests bound
+//! it.
 
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
@@ -21,6 +23,12 @@ const SPAN_BYTES: usize = 512 * 1024;
 /// while the transform back reads them. Each item reads its channel group's kernels once
 /// (`16 x cin x COLS` floats, 2 MB at 512 channels), so big blocks matter on deep layers.
 const TILES: usize = 64;
+/// An item's kernels (`16 x cin x cols` floats) from which blocks may hold `4 x TILES` tiles.
+const BIG_KERNELS: usize = 2 << 20;
+/// Convs with at most this many input channels run [`Winograd::forward_fused`] (measured,
+/// 32->32: 14x14 19.5 -> 15.6 us, 56x56 327 -> 270 us, 112x112 1143 -> 950 us; at 64 channels
+/// and more the two forms are level).
+const FUSED_MAX_CIN: usize = 32;
 
 /// A conv's kernels in the Winograd domain.
 pub(super) struct Winograd {
@@ -71,6 +79,9 @@ impl Winograd {
 
     /// The conv of `x` (pad 1, stride 1) plus `bias`, ReLU'd if `relu`.
     pub(super) fn forward(&self, x: &Map, bias: &[f32], relu: bool, bufs: &Buffers) -> Map {
+        if self.cin <= FUSED_MAX_CIN {
+            return self.forward_fused(x, bias, relu, bufs);
+        }
         let (th, tw) = (x.h.div_ceil(2), x.w.div_ceil(2));
         let tiles = th * tw;
         let threads = rayon::current_num_threads().max(1);
@@ -127,44 +138,111 @@ impl Winograd {
         x: &Map,
         bufs: &Buffers,
     ) {
-        let arch = pulp::Arch::new();
         let col_groups = self.cpad / self.cols;
-        // Blocks as big as possible (each item reads its kernels once), but enough items for
-        // every core to have two.
-        let want = 2 * rayon::current_num_threads().max(1);
-        let mut block = TILES.min(n);
-        while block > 4 && n.div_ceil(block) * col_groups < want {
-            block = block.div_ceil(2);
-        }
+        let block = self.block_for(n, col_groups);
         let items = n.div_ceil(block) * col_groups;
         (0..items).into_par_iter().for_each(|item| {
             let (tb, cg) = (item / col_groups, item % col_groups);
             let nt = block.min(n - tb * block);
-            let mut m = bufs.take(16 * block * self.cols);
-            arch.dispatch(Products {
-                wg: self,
-                v: &v[tb * block * 16 * self.cin..][..nt * 16 * self.cin],
-                nt,
-                c0: cg * self.cols,
-                m: &mut m,
-                block,
-            });
-            arch.dispatch(OutputTiles {
-                wg: self,
-                m: &m,
-                block,
-                t0: s0 + tb * block,
-                nt,
-                c0: cg * self.cols,
-                tw,
-                bias,
-                relu,
-                out: dst,
-                h: x.h,
-                w: x.w,
-            });
-            bufs.give(m);
+            let v = &v[tb * block * 16 * self.cin..][..nt * 16 * self.cin];
+            let (t0, c0) = (s0 + tb * block, cg * self.cols);
+            self.item(v, t0, nt, c0, block, tw, bias, relu, dst, x, bufs);
         });
+    }
+
+    /// [`Winograd::forward`] for few input channels: each work item transforms its own block of
+    /// tiles, so the transformed input never leaves the core's cache and a frame is one parallel
+    /// loop, not two per span of tiles (224x224 16->16 has 25 spans).
+    fn forward_fused(&self, x: &Map, bias: &[f32], relu: bool, bufs: &Buffers) -> Map {
+        let tw = x.w.div_ceil(2);
+        let tiles = x.h.div_ceil(2) * tw;
+        let mut zeros = bufs.take(self.cin);
+        zeros.fill(0.0);
+        let mut out = bufs.map(x.h, x.w, self.cout);
+        let dst = SendPtr(out.data.as_mut_ptr());
+        let arch = pulp::Arch::new();
+        let block = self.block_for(tiles, 1);
+        (0..tiles.div_ceil(block)).into_par_iter().for_each(|tb| {
+            let t0 = tb * block;
+            let nt = block.min(tiles - t0);
+            let mut v = bufs.take(nt * 16 * self.cin);
+            arch.dispatch(InputTiles {
+                x,
+                zeros: &zeros,
+                tw,
+                t0,
+                v: &mut v,
+            });
+            for c0 in (0..self.cpad).step_by(self.cols) {
+                self.item(&v, t0, nt, c0, block, tw, bias, relu, &dst, x, bufs);
+            }
+            bufs.give(v);
+        });
+        bufs.give(zeros);
+        out
+    }
+
+    /// Tiles per work item: as many as possible (each item reads its kernels once), but enough
+    /// items for every core to have two.
+    fn block_for(&self, n: usize, col_groups: usize) -> usize {
+        let want = 2 * rayon::current_num_threads().max(1);
+        // Where an item's kernels outgrow L2, reading them fewer times beats keeping the
+        // products in L2 (measured, 28x28 512->512: 14.8 -> 11.0 ms with blocks of 196 tiles;
+        // 56x56 256->256, with 1 MB of kernels per item, got 10% slower with bigger blocks).
+        let cap = if 16 * self.cin * self.cols * 4 >= BIG_KERNELS {
+            4 * TILES
+        } else {
+            TILES
+        };
+        let mut block = cap.min(n);
+        while block > 4 && n.div_ceil(block) * col_groups < want {
+            block = block.div_ceil(2);
+        }
+        block
+    }
+
+    /// One work item: the products of tiles `t0..t0 + nt` (transformed in `v`) with output
+    /// channels `c0..c0 + cols`, transformed back into `dst`.
+    #[allow(clippy::too_many_arguments)]
+    fn item(
+        &self,
+        v: &[f32],
+        t0: usize,
+        nt: usize,
+        c0: usize,
+        block: usize,
+        tw: usize,
+        bias: &[f32],
+        relu: bool,
+        dst: &SendPtr,
+        x: &Map,
+        bufs: &Buffers,
+    ) {
+        let arch = pulp::Arch::new();
+        let mut m = bufs.take(16 * block * self.cols);
+        arch.dispatch(Products {
+            wg: self,
+            v,
+            nt,
+            c0,
+            m: &mut m,
+            block,
+        });
+        arch.dispatch(OutputTiles {
+            wg: self,
+            m: &m,
+            block,
+            t0,
+            nt,
+            c0,
+            tw,
+            bias,
+            relu,
+            out: dst,
+            h: x.h,
+            w: x.w,
+        });
+        bufs.give(m);
     }
 }
 
