@@ -308,3 +308,19 @@ fn device_this_build_cannot_use() {
         assert_clean_failure(&out, "--features metal");
     }
 }
+
+#[test]
+fn branch_width_out_of_range() {
+    // Rejected with the config's own check, before any data loads or the run directory exists.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    for w in ["0", "1.5"] {
+        let out = bin()
+            .args(["train", "--branch-width", w, "--limit", "10", "--out"])
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert_clean_failure(&out, &format!("branch_width {w} outside (0, 1]"));
+        assert!(!run.exists());
+    }
+}

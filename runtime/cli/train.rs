@@ -42,6 +42,9 @@ pub struct TrainArgs {
     /// Override the backbone, e.g. "32,32/64,64/128" (stages split by '/').
     #[arg(long)]
     backbone: Option<String>,
+    /// Width of the I_H branch as a fraction of the backbone's, in (0, 1] (presets: 0.25).
+    #[arg(long)]
+    branch_width: Option<f32>,
     /// `fashion-mnist` (Debian's dataset-fashion-mnist), a directory of IDX files, or a
     /// directory with `train/` and `test/` image folders (one sub-directory per class).
     #[arg(long, default_value = "fashion-mnist")]
@@ -189,6 +192,9 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
     }
     if let Some(b) = &a.backbone {
         config.arch.backbone = parse_backbone(b)?;
+    }
+    if let Some(w) = a.branch_width {
+        config.arch.branch_width = w;
     }
     config.validate()?;
     // Before the dataset loads: a device this build lacks fails at once.
