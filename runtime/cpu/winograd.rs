@@ -38,7 +38,9 @@ pub(super) struct Winograd {
     cols: usize,
     /// `cout` rounded up to `cols`.
     cpad: usize,
-    /// `U = G g G^T` as `[cpad / cols][16][cin][cols]` (output group, position, input channel,
+    /// Input tile side: 4 for F(2x2, 3x3), 6 for F(4x4, 3x3).
+    n: usize,
+    /// `U = G g G^T` as `[cpad / cols][n * n][cin][cols]` (output group, position, input channel,
     /// output channel), zero-padded. Group-major, so a work item streams one contiguous block
     /// (measured against `[16][cin][cpad]`, whose rows it read 256 bytes in 2 KB: WAE-VGG16's
     /// 7x7 512->512 convs went from 2.09 to 1.16 ms, the whole net from 43 to 38 ms).
@@ -46,26 +48,43 @@ pub(super) struct Winograd {
 }
 
 impl Winograd {
-    /// Transforms kernels packed `[9 * cin, cout]` (row `(ky * 3 + kx) * cin + ci`).
-    pub(super) fn new(w: &[f32], cin: usize, cout: usize) -> Winograd {
+    /// Transforms kernels packed `[9 * cin, cout]` (row `(ky * 3 + kx) * cin + ci`) for input
+    /// tiles of side `n` (4 or 6).
+    pub(super) fn new(w: &[f32], cin: usize, cout: usize, n: usize) -> Winograd {
+        assert!(n == 4 || n == 6, "Winograd tiles are 4x4 or 6x6");
         let cols = match cout {
             0..=16 => 16,
             17..=32 => 32,
             _ => COLS,
         };
         let cpad = cout.next_multiple_of(cols);
-        let mut u = vec![0f32; 16 * cin * cpad];
-        // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]], applied to a column or
-        // a row of three taps.
-        let g4 = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+        let pos = n * n;
+        let mut u = vec![0f32; pos * cin * cpad];
+        // G applied to a column or a row of three taps; F(2x2): [[1, 0, 0], [1/2, 1/2, 1/2],
+        // [1/2, -1/2, 1/2], [0, 0, 1]]; F(4x4): [[1/4, 0, 0], [-1/6, -1/6, -1/6],
+        // [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6], [1/24, -1/12, 1/6], [0, 0, 1]].
+        let g4 = |a: f32, b: f32, c: f32| {
+            if n == 4 {
+                [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c, 0.0, 0.0]
+            } else {
+                [
+                    a / 4.0,
+                    -(a + b + c) / 6.0,
+                    -(a - b + c) / 6.0,
+                    a / 24.0 + b / 12.0 + c / 6.0,
+                    a / 24.0 - b / 12.0 + c / 6.0,
+                    c,
+                ]
+            }
+        };
         for ci in 0..cin {
             for co in 0..cout {
                 let g = |ky: usize, kx: usize| w[((ky * 3 + kx) * cin + ci) * cout + co];
-                let gc: [[f32; 4]; 3] = std::array::from_fn(|kx| g4(g(0, kx), g(1, kx), g(2, kx)));
-                for i in 0..4 {
+                let gc: [[f32; 6]; 3] = std::array::from_fn(|kx| g4(g(0, kx), g(1, kx), g(2, kx)));
+                for i in 0..n {
                     let row = g4(gc[0][i], gc[1][i], gc[2][i]);
-                    for (j, v) in row.into_iter().enumerate() {
-                        u[(((co / cols) * 16 + i * 4 + j) * cin + ci) * cols + co % cols] = v;
+                    for (j, v) in row.into_iter().take(n).enumerate() {
+                        u[(((co / cols) * pos + i * n + j) * cin + ci) * cols + co % cols] = v;
                     }
                 }
             }
@@ -75,8 +94,24 @@ impl Winograd {
             cout,
             cols,
             cpad,
+            n,
             u,
         }
+    }
+
+    /// Which transform, for tests' messages.
+    #[cfg(test)]
+    pub(super) fn name(&self) -> &'static str {
+        if self.n == 4 {
+            "winograd F(2x2)"
+        } else {
+            "winograd F(4x4)"
+        }
+    }
+
+    /// Positions in a transformed tile.
+    fn pos(&self) -> usize {
+        self.n * self.n
     }
 
     /// The conv of `x` (pad 1, stride 1) plus `bias`, ReLU'd if `relu`.
@@ -84,21 +119,22 @@ impl Winograd {
         if self.cin <= FUSED_MAX_CIN {
             return self.forward_fused(x, bias, relu, bufs);
         }
-        let (th, tw) = (x.h.div_ceil(2), x.w.div_ceil(2));
+        let (th, tw) = (x.h.div_ceil(self.n - 2), x.w.div_ceil(self.n - 2));
+        let pos = self.pos();
         let tiles = th * tw;
         let threads = rayon::current_num_threads().max(1);
         // Large maps go in spans of tiles whose transformed input stays in L2 between the two
         // phases (measured with the bigger blocks, in one change: 112x112 64->64 went from 3.3
         // to 2.7 ms, 56x56 128->128 from 3.1 to 2.3 ms).
-        let span = (SPAN_BYTES / (4 * 16 * self.cin)).max(2 * threads * TILES);
-        let mut v = bufs.take(span.min(tiles) * 16 * self.cin);
+        let span = (SPAN_BYTES / (4 * pos * self.cin)).max(2 * threads * TILES);
+        let mut v = bufs.take(span.min(tiles) * pos * self.cin);
         let mut zeros = bufs.take(self.cin);
         zeros.fill(0.0);
         let mut out = bufs.map(x.h, x.w, self.cout);
         let dst = SendPtr(out.data.as_mut_ptr());
         for s0 in (0..tiles).step_by(span) {
             let n = span.min(tiles - s0);
-            let v = &mut v[..n * 16 * self.cin];
+            let v = &mut v[..n * pos * self.cin];
             self.input_phase(x, &zeros, tw, s0, v);
             self.product_phase(v, s0, n, tw, bias, relu, &dst, x, bufs);
         }
@@ -110,12 +146,13 @@ impl Winograd {
     /// Transforms input tiles `s0..` (as many as `v` holds) into `v`, in parallel.
     fn input_phase(&self, x: &Map, zeros: &[f32], tw: usize, s0: usize, v: &mut [f32]) {
         let arch = pulp::Arch::new();
-        let n = v.len() / (16 * self.cin);
+        let n = v.len() / (self.pos() * self.cin);
         let per = (n / (2 * rayon::current_num_threads().max(1))).max(1);
-        v.par_chunks_mut(per * 16 * self.cin)
+        v.par_chunks_mut(per * self.pos() * self.cin)
             .enumerate()
             .for_each(|(b, vb)| {
                 arch.dispatch(InputTiles {
+                    n: self.n,
                     x,
                     zeros,
                     tw,
@@ -146,7 +183,8 @@ impl Winograd {
         (0..items).into_par_iter().for_each(|item| {
             let (tb, cg) = (item / col_groups, item % col_groups);
             let nt = block.min(n - tb * block);
-            let v = &v[tb * block * 16 * self.cin..][..nt * 16 * self.cin];
+            let per = self.pos() * self.cin;
+            let v = &v[tb * block * per..][..nt * per];
             let (t0, c0) = (s0 + tb * block, cg * self.cols);
             self.item(v, t0, nt, c0, block, tw, bias, relu, dst, x, bufs);
         });
@@ -156,8 +194,8 @@ impl Winograd {
     /// tiles, so the transformed input never leaves the core's cache and a frame is one parallel
     /// loop, not two per span of tiles (224x224 16->16 has 25 spans).
     fn forward_fused(&self, x: &Map, bias: &[f32], relu: bool, bufs: &Buffers) -> Map {
-        let tw = x.w.div_ceil(2);
-        let tiles = x.h.div_ceil(2) * tw;
+        let tw = x.w.div_ceil(self.n - 2);
+        let tiles = x.h.div_ceil(self.n - 2) * tw;
         let mut zeros = bufs.take(self.cin);
         zeros.fill(0.0);
         let mut out = bufs.map(x.h, x.w, self.cout);
@@ -167,8 +205,9 @@ impl Winograd {
         (0..tiles.div_ceil(block)).into_par_iter().for_each(|tb| {
             let t0 = tb * block;
             let nt = block.min(tiles - t0);
-            let mut v = bufs.take(nt * 16 * self.cin);
+            let mut v = bufs.take(nt * self.pos() * self.cin);
             arch.dispatch(InputTiles {
+                n: self.n,
                 x,
                 zeros: &zeros,
                 tw,
@@ -191,7 +230,7 @@ impl Winograd {
         // Where an item's kernels outgrow L2, reading them fewer times beats keeping the
         // products in L2 (measured, 28x28 512->512: 14.8 -> 11.0 ms with blocks of 196 tiles;
         // 56x56 256->256, with 1 MB of kernels per item, got 10% slower with bigger blocks).
-        let cap = if 16 * self.cin * self.cols * 4 >= BIG_KERNELS {
+        let cap = if self.pos() * self.cin * self.cols * 4 >= BIG_KERNELS {
             4 * TILES
         } else {
             TILES
@@ -224,7 +263,7 @@ impl Winograd {
         bufs: &Buffers,
     ) {
         let arch = pulp::Arch::new();
-        let mut m = bufs.take(16 * block * self.cols);
+        let mut m = bufs.take(self.pos() * block * self.cols);
         arch.dispatch(Products {
             wg: self,
             v,
@@ -251,10 +290,11 @@ impl Winograd {
     }
 }
 
-/// Transforms the 4x4 input tiles `t0..` (as many as `v` holds) to `V = B^T d B`, each
-/// written `[16][cin]`, vectorised across channels. B^T = [[1, 0, -1, 0], [0, 1, 1, 0],
-/// [0, -1, 1, 0], [0, 1, 0, -1]].
+/// Transforms the `n x n` input tiles `t0..` (as many as `v` holds) to `V = B^T d B`, each
+/// written `[n * n][cin]`, vectorised across channels (`B^T` in [`bt`]).
 struct InputTiles<'a> {
+    /// Tile side, 4 or 6.
+    n: usize,
     x: &'a Map,
     /// `cin` zeros, read for taps outside the map.
     zeros: &'a [f32],
@@ -269,56 +309,78 @@ impl WithSimd for InputTiles<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let InputTiles {
-            x,
-            zeros,
-            tw,
-            t0,
-            v,
-        } = self;
-        let c = x.c;
-        let zero = simd.splat_f32s(0.0);
-        for (k, vt) in v.chunks_exact_mut(16 * c).enumerate() {
-            let (ty, tx) = ((t0 + k) / tw, (t0 + k) % tw);
-            let d: [[&[f32]; 4]; 4] = std::array::from_fn(|i| {
-                std::array::from_fn(|j| {
-                    let (y, xx) = ((2 * ty + i) as isize - 1, (2 * tx + j) as isize - 1);
-                    if y < 0 || xx < 0 || y >= x.h as isize || xx >= x.w as isize {
-                        zeros
-                    } else {
-                        &x.data[(y as usize * x.w + xx as usize) * c..][..c]
-                    }
-                })
-            });
-            let mut ch = 0;
-            while ch < c {
-                let n = S::F32_LANES.min(c - ch);
-                // Closures and `array::from_fn` stay out of this loop: they are compiled
-                // without the dispatched target features, so nothing inside them inlines.
-                let mut e = [[zero; 4]; 4];
-                for (j, ej) in e.iter_mut().enumerate() {
-                    let mut col = [zero; 4];
-                    for (i, v) in col.iter_mut().enumerate() {
-                        *v = load(simd, &d[i][j][ch..ch + n]);
-                    }
-                    // ej: column j of B^T d.
-                    *ej = bt(simd, col);
-                }
-                for i in 0..4 {
-                    let r = bt(simd, [e[0][i], e[1][i], e[2][i], e[3][i]]);
-                    for (j, val) in r.into_iter().enumerate() {
-                        store(simd, &mut vt[(i * 4 + j) * c + ch..][..n], val);
-                    }
-                }
-                ch += n;
-            }
+        if self.n == 4 {
+            input_tiles::<S, 4>(simd, self)
+        } else {
+            input_tiles::<S, 6>(simd, self)
         }
     }
 }
 
-/// Transforms products `m` (`[16][block][cols]`) of tiles `t0..t0 + nt` back to output
-/// pixels, channels `c0..c0 + cols` (clipped to `cout`), with bias and ReLU:
-/// A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] on both sides.
+#[inline(always)]
+fn input_tiles<S: Simd, const N: usize>(simd: S, job: InputTiles<'_>) {
+    let InputTiles {
+        x,
+        zeros,
+        tw,
+        t0,
+        v,
+        ..
+    } = job;
+    let c = x.c;
+    let zero = simd.splat_f32s(0.0);
+    for (k, vt) in v.chunks_exact_mut(N * N * c).enumerate() {
+        let (ty, tx) = ((t0 + k) / tw, (t0 + k) % tw);
+        // Where each tap's channels start: in the map, or in `zeros` outside it. Plain loops,
+        // not closures (see below): this runs once per tile, and with 16 channels a tile's
+        // transform is only a few dozen vector operations.
+        let mut src = [[zeros.as_ptr(); N]; N];
+        for (i, row) in src.iter_mut().enumerate() {
+            let y = ((N - 2) * ty + i).wrapping_sub(1);
+            if y >= x.h {
+                continue;
+            }
+            for (j, s) in row.iter_mut().enumerate() {
+                let xx = ((N - 2) * tx + j).wrapping_sub(1);
+                if xx < x.w {
+                    *s = x.data[(y * x.w + xx) * c..][..c].as_ptr();
+                }
+            }
+        }
+        let mut ch = 0;
+        while ch < c {
+            let n = S::F32_LANES.min(c - ch);
+            // Closures and `array::from_fn` stay out of this loop: they are compiled
+            // without the dispatched target features, so nothing inside them inlines.
+            let mut e = [[zero; N]; N];
+            for (j, ej) in e.iter_mut().enumerate() {
+                let mut col = [zero; N];
+                for (i, v) in col.iter_mut().enumerate() {
+                    // SAFETY: every `src` points at `c` readable values and `ch + n <= c`.
+                    *v = load(simd, unsafe {
+                        std::slice::from_raw_parts(src[i][j].add(ch), n)
+                    });
+                }
+                // ej: column j of B^T d.
+                *ej = bt(simd, col);
+            }
+            for i in 0..N {
+                let mut row = [zero; N];
+                for (j, r) in row.iter_mut().enumerate() {
+                    *r = e[j][i];
+                }
+                for (j, val) in bt(simd, row).into_iter().enumerate() {
+                    store(simd, &mut vt[(i * N + j) * c + ch..][..n], val);
+                }
+            }
+            ch += n;
+        }
+    }
+}
+
+/// Transforms products `m` (`[n * n][block][cols]`) of tiles `t0..t0 + nt` back to output
+/// pixels, channels `c0..c0 + cols` (clipped to `cout`), with bias and ReLU (`A^T` in [`at`],
+/// on both sides).
 struct OutputTiles<'a> {
     wg: &'a Winograd,
     m: &'a [f32],
@@ -341,63 +403,74 @@ impl WithSimd for OutputTiles<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let OutputTiles {
-            wg,
-            m,
-            block,
-            t0,
-            nt,
-            c0,
-            tw,
-            bias,
-            relu,
-            out,
-            h,
-            w,
-        } = self;
-        let (cols, n) = (wg.cols, wg.cols.min(wg.cout - c0));
-        let zero = simd.splat_f32s(0.0);
-        for p in 0..nt {
-            let (ty, tx) = ((t0 + p) / tw, (t0 + p) % tw);
-            let mut c = 0;
-            while c < n {
-                let k = S::F32_LANES.min(n - c);
-                let b = load(simd, &bias[c0 + c..][..k]);
-                // No closures here either (see `InputTiles`).
-                // s = A^T M, 2 x 4, a column at a time.
-                let mut s = [[zero; 4]; 2];
-                for col in 0..4 {
-                    let mut r = [zero; 4];
-                    for (a, v) in r.iter_mut().enumerate() {
-                        *v = load(simd, &m[((a * 4 + col) * block + p) * cols + c..][..k]);
-                    }
-                    let [s0, s1] = at(simd, r);
-                    (s[0][col], s[1][col]) = (s0, s1);
+        if self.wg.n == 4 {
+            output_tiles::<S, 4, 2>(simd, self)
+        } else {
+            output_tiles::<S, 6, 4>(simd, self)
+        }
+    }
+}
+
+#[inline(always)]
+fn output_tiles<S: Simd, const N: usize, const M: usize>(simd: S, job: OutputTiles<'_>) {
+    let OutputTiles {
+        wg,
+        m,
+        block,
+        t0,
+        nt,
+        c0,
+        tw,
+        bias,
+        relu,
+        out,
+        h,
+        w,
+    } = job;
+    let (cols, n) = (wg.cols, wg.cols.min(wg.cout - c0));
+    let zero = simd.splat_f32s(0.0);
+    for p in 0..nt {
+        let (ty, tx) = ((t0 + p) / tw, (t0 + p) % tw);
+        let mut c = 0;
+        while c < n {
+            let k = S::F32_LANES.min(n - c);
+            let b = load(simd, &bias[c0 + c..][..k]);
+            // No closures here either (see `input_tiles`).
+            // s = A^T M, M x N, a column at a time.
+            let mut s = [[zero; N]; M];
+            for col in 0..N {
+                let mut r = [zero; N];
+                for (a, v) in r.iter_mut().enumerate() {
+                    *v = load(simd, &m[((a * N + col) * block + p) * cols + c..][..k]);
                 }
-                for (i, row) in s.iter().enumerate() {
-                    let r = at(simd, *row);
-                    for (j, val) in r.into_iter().enumerate() {
-                        let (y, xx) = (2 * ty + i, 2 * tx + j);
-                        if y >= h || xx >= w {
-                            continue;
-                        }
-                        let mut val = simd.add_f32s(val, b);
-                        if relu {
-                            val = simd.max_f32s(val, zero);
-                        }
-                        // SAFETY: the pixel is inside the map and channels c0 + c.. c0 + c + k
-                        // inside cout; no other item writes them (see the struct).
-                        let px = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                out.0.add((y * w + xx) * wg.cout + c0 + c),
-                                k,
-                            )
-                        };
-                        store(simd, px, val);
-                    }
+                let r: [S::f32s; M] = at(simd, r);
+                for (i, v) in r.into_iter().enumerate() {
+                    s[i][col] = v;
                 }
-                c += k;
             }
+            for (i, row) in s.iter().enumerate() {
+                let r: [S::f32s; M] = at(simd, *row);
+                for (j, val) in r.into_iter().enumerate() {
+                    let (y, xx) = (M * ty + i, M * tx + j);
+                    if y >= h || xx >= w {
+                        continue;
+                    }
+                    let mut val = simd.add_f32s(val, b);
+                    if relu {
+                        val = simd.max_f32s(val, zero);
+                    }
+                    // SAFETY: the pixel is inside the map and channels c0 + c.. c0 + c + k
+                    // inside cout; no other item writes them (see the struct).
+                    let px = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.0.add((y * w + xx) * wg.cout + c0 + c),
+                            k,
+                        )
+                    };
+                    store(simd, px, val);
+                }
+            }
+            c += k;
         }
     }
 }
@@ -423,24 +496,58 @@ fn store<S: Simd>(simd: S, s: &mut [f32], v: S::f32s) {
     }
 }
 
-/// `B^T r` for a column `r` of four vectors.
+/// `B^T r` for a column `r` of `N` vectors. F(2x2): B^T = [[1, 0, -1, 0], [0, 1, 1, 0],
+/// [0, -1, 1, 0], [0, 1, 0, -1]]. F(4x4): B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0],
+/// [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
 #[inline(always)]
-fn bt<S: Simd>(simd: S, r: [S::f32s; 4]) -> [S::f32s; 4] {
-    [
-        simd.sub_f32s(r[0], r[2]),
-        simd.add_f32s(r[1], r[2]),
-        simd.sub_f32s(r[2], r[1]),
-        simd.sub_f32s(r[1], r[3]),
-    ]
+fn bt<S: Simd, const N: usize>(simd: S, r: [S::f32s; N]) -> [S::f32s; N] {
+    let mut t = r;
+    if N == 4 {
+        t[0] = simd.sub_f32s(r[0], r[2]);
+        t[1] = simd.add_f32s(r[1], r[2]);
+        t[2] = simd.sub_f32s(r[2], r[1]);
+        t[3] = simd.sub_f32s(r[1], r[3]);
+    } else {
+        let (four, minus4, minus5) = (
+            simd.splat_f32s(4.0),
+            simd.splat_f32s(-4.0),
+            simd.splat_f32s(-5.0),
+        );
+        let a = simd.mul_add_f32s(minus4, r[2], r[4]);
+        let b = simd.mul_add_f32s(minus4, r[1], r[3]);
+        let c = simd.sub_f32s(r[4], r[2]);
+        let d = simd.sub_f32s(r[3], r[1]);
+        let d = simd.add_f32s(d, d);
+        t[0] = simd.mul_add_f32s(four, r[0], simd.mul_add_f32s(minus5, r[2], r[4]));
+        t[1] = simd.add_f32s(a, b);
+        t[2] = simd.sub_f32s(a, b);
+        t[3] = simd.add_f32s(c, d);
+        t[4] = simd.sub_f32s(c, d);
+        t[5] = simd.mul_add_f32s(four, r[1], simd.mul_add_f32s(minus5, r[3], r[5]));
+    }
+    t
 }
 
-/// `A^T r` for a column `r` of four vectors.
+/// `A^T r` for a column `r` of `N` vectors, `M = N - 2` out. F(2x2): A^T = [[1, 1, 1, 0],
+/// [0, 1, -1, -1]]. F(4x4): A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0],
+/// [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]].
 #[inline(always)]
-fn at<S: Simd>(simd: S, r: [S::f32s; 4]) -> [S::f32s; 2] {
-    [
-        simd.add_f32s(simd.add_f32s(r[0], r[1]), r[2]),
-        simd.sub_f32s(simd.sub_f32s(r[1], r[2]), r[3]),
-    ]
+fn at<S: Simd, const N: usize, const M: usize>(simd: S, r: [S::f32s; N]) -> [S::f32s; M] {
+    let mut s = [simd.splat_f32s(0.0); M];
+    if N == 4 {
+        s[0] = simd.add_f32s(simd.add_f32s(r[0], r[1]), r[2]);
+        s[1] = simd.sub_f32s(simd.sub_f32s(r[1], r[2]), r[3]);
+    } else {
+        let p = simd.add_f32s(r[1], r[2]);
+        let q = simd.sub_f32s(r[1], r[2]);
+        let u = simd.add_f32s(r[3], r[4]);
+        let v = simd.sub_f32s(r[3], r[4]);
+        s[0] = simd.add_f32s(simd.add_f32s(r[0], p), u);
+        s[1] = simd.mul_add_f32s(simd.splat_f32s(2.0), v, q);
+        s[2] = simd.mul_add_f32s(simd.splat_f32s(4.0), u, p);
+        s[3] = simd.add_f32s(simd.mul_add_f32s(simd.splat_f32s(8.0), v, q), r[5]);
+    }
+    s
 }
 
 /// The 16 products of one work item: its `nt` tiles, output channels `c0..c0 + cols`.
@@ -487,15 +594,16 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
     let (cin, cols) = (wg.cin, wg.cols);
     let width = V * S::F32_LANES;
     let zero = simd.splat_f32s(0.0);
-    for xi in 0..16 {
+    let pos = wg.pos();
+    for xi in 0..pos {
         let panel = cin * cols;
-        let u = &wg.u[((c0 / cols) * 16 + xi) * panel..][..panel];
+        let u = &wg.u[((c0 / cols) * pos + xi) * panel..][..panel];
         let mut p0 = 0;
         while p0 < nt {
             let np = P.min(nt - p0);
             // A short last group repeats its last tile rather than reading past the block.
             let rows: [&[f32]; P] =
-                std::array::from_fn(|p| &v[((p0 + p.min(np - 1)) * 16 + xi) * cin..][..cin]);
+                std::array::from_fn(|p| &v[((p0 + p.min(np - 1)) * pos + xi) * cin..][..cin]);
             let mut c = 0;
             while c < cols {
                 let mut acc = [[zero; V]; P];
