@@ -69,6 +69,22 @@ pub struct BenchReport {
     pub stages: BTreeMap<&'static str, Summary>,
     /// Inference MACs per image.
     pub macs: u64,
+    /// Per-conv medians, when asked for ([`Bench::layers`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<LayerReport>>,
+}
+
+/// One conv's median time over profiled passes.
+#[derive(Serialize, Clone, Debug)]
+pub struct LayerReport {
+    /// Tensor prefix, e.g. `backbone.s2.c1`.
+    pub layer: String,
+    /// Input map and channels, e.g. `28x28 256->256`.
+    pub shape: String,
+    /// The kernel that runs it.
+    pub kernel: &'static str,
+    /// Median over the passes.
+    pub p50_ms: f64,
 }
 
 impl Bench {
@@ -148,7 +164,30 @@ impl Bench {
                 .map(|(k, v)| (*k, summarize(v)))
                 .collect(),
             macs: self.macs,
+            layers: None,
         }
+    }
+
+    /// Every conv's median time over `passes` profiled passes of the first image, in network
+    /// order; `None` on the candle engine, whose convs are candle ops with no per-layer hook.
+    pub fn layers(&self, passes: usize) -> candle_core::Result<Option<Vec<LayerReport>>> {
+        let Engine::Cpu(net) = &self.engine else {
+            return Ok(None);
+        };
+        let x = self.input.flatten_all()?.to_vec1::<f32>()?;
+        let runs: Vec<_> = (0..passes.max(1)).map(|_| net.profile(&x)).collect();
+        Ok(Some(
+            runs[0]
+                .iter()
+                .enumerate()
+                .map(|(i, l)| LayerReport {
+                    layer: l.name.clone(),
+                    shape: l.shape.clone(),
+                    kernel: l.kernel,
+                    p50_ms: summarize(&runs.iter().map(|r| r[i].time).collect::<Vec<_>>()).p50_ms,
+                })
+                .collect(),
+        ))
     }
 }
 

@@ -111,3 +111,76 @@ fn chart_into_a_missing_directory_is_a_one_line_error() {
     assert!(err.contains("cannot write the chart"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn layers_lists_every_conv_in_network_order() {
+    let d = tempfile::tempdir().unwrap();
+    let (wae, _) = two_models(d.path());
+    let out = bin()
+        .args([
+            "bench", "--iters", "2", "--warmup", "1", "--json", "--layers", "3",
+        ])
+        .arg("--model")
+        .arg(&wae)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: Value = serde_json::from_str(text.trim().lines().last().unwrap()).unwrap();
+    let layers = v["model"]["layers"].as_array().expect("layers");
+    let names: Vec<&str> = layers
+        .iter()
+        .map(|l| l["layer"].as_str().unwrap())
+        .collect();
+    // The encoder first, its split last among its convs, then the backbone, then the branch.
+    assert_eq!(names[0], "encoder.conv0", "{names:?}");
+    let split = names.iter().position(|n| *n == "encoder.split").unwrap();
+    assert!(names[..split].iter().all(|n| n.starts_with("encoder.conv")));
+    let first_branch = names.iter().position(|n| n.starts_with("branch.")).unwrap();
+    assert!(names[split + 1..first_branch]
+        .iter()
+        .all(|n| n.starts_with("backbone.")));
+    assert!(names[first_branch..]
+        .iter()
+        .all(|n| n.starts_with("branch.")));
+    let mut unique = names.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "{names:?}");
+    for l in layers {
+        assert!(l["p50_ms"].as_f64().unwrap() > 0.0, "{l}");
+        let k = l["kernel"].as_str().unwrap();
+        assert!(
+            [
+                "direct",
+                "im2col + gemm",
+                "winograd F(2x2)",
+                "winograd F(4x4)"
+            ]
+            .contains(&k),
+            "{l}"
+        );
+    }
+    // The first conv reads the 28x28 frame with its one channel.
+    assert!(
+        layers[0]["shape"]
+            .as_str()
+            .unwrap()
+            .starts_with("28x28 1->"),
+        "{}",
+        layers[0]
+    );
+}
+
+#[test]
+fn layers_needs_the_native_engine() {
+    let d = tempfile::tempdir().unwrap();
+    let (wae, _) = two_models(d.path());
+    let out = bin()
+        .args([
+            "bench", "--iters", "1", "--layers", "--engine", "candle", "--model",
+        ])
+        .arg(&wae)
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "native CPU engine");
+}

@@ -55,11 +55,33 @@ pub struct Args {
     /// One JSON object (last line) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also time every conv (native CPU engine) over this many passes after the timed phase, and
+    /// print their medians (JSON: `layers` in each model's object).
+    #[arg(long, value_name = "PASSES", num_args = 0..=1, default_missing_value = "20")]
+    layers: Option<usize>,
     /// Also draw the per-stage medians (with the baseline's beside them) as an SVG picture.
     #[arg(long, value_name = "FILE.svg")]
     chart: Option<PathBuf>,
     #[command(flatten)]
     placement: Placement,
+}
+
+/// The per-conv medians, with each one's share of the whole pass's median.
+fn layer_table(r: &BenchReport, name: &str) {
+    let Some(layers) = &r.layers else { return };
+    println!(
+        "{name} per conv (medians; the I_H branch runs beside the backbone, so their times overlap):"
+    );
+    for l in layers {
+        println!(
+            "  {:<16} {:<20} {:<16} {:>8.3} ms {:>5.1}%",
+            l.layer,
+            l.shape,
+            l.kernel,
+            l.p50_ms,
+            100.0 * l.p50_ms / r.p50_ms
+        );
+    }
 }
 
 fn table(r: &BenchReport, name: &str) {
@@ -168,6 +190,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     let device = a.placement.open()?;
+    if a.layers.is_some() && !(device.is_cpu() && a.engine == EngineKind::Auto) {
+        anyhow::bail!("--layers times the native CPU engine's convs: use it with --device cpu and --engine auto");
+    }
     let mut models = vec![Bench::load(&a.model, &device, a.batch, a.engine)?];
     if let Some(b) = &a.baseline {
         models.push(Bench::load(b, &device, a.batch, a.engine)?);
@@ -185,7 +210,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
         bar.set_position((f * 1000.0) as u64)
     })?;
     bar.finish_and_clear();
-    let reports: Vec<BenchReport> = models.iter().map(Bench::report).collect();
+    let mut reports: Vec<BenchReport> = models.iter().map(Bench::report).collect();
+    if let Some(passes) = a.layers {
+        for (r, m) in reports.iter_mut().zip(&models) {
+            r.layers = m.layers(passes)?;
+        }
+    }
     let pipeline = match &a.pipeline {
         Some(uri) => Some(pipeline_overhead(
             &Classifier::load_with(&a.model, &device, a.engine)?,
@@ -240,6 +270,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     if let Some(peak) = peak {
         println!("peak resident memory {:.0} MB", peak as f64 / 1e6);
+    }
+    for (r, name) in reports.iter().zip(["model", "baseline"]) {
+        layer_table(r, name);
     }
     Ok(ExitCode::SUCCESS)
 }

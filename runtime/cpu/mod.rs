@@ -1,8 +1,8 @@
 //! wae-edge's own CPU inference path for the inference network. Candle's CPU conv2d re-lays out
 //! the input (NCHW -> NHWC) and re-flattens the kernel on every call, which dominates small maps;
 //! here activations stay NHWC end to end and kernels are laid out once at load for the kernel
-//! chosen per conv: Winograd F(2x2,3x3) for stride-1 convs with 32+ input channels
-//! (`winograd.rs`), a direct register-blocked SIMD kernel for few channels, and otherwise a tiled
+//! chosen per conv: Winograd F(4x4,3x3) (F(2x2,3x3) on maps under 8) for stride-1 convs with 16+
+//! input channels (`winograd.rs`), a direct register-blocked SIMD kernel for few channels, and otherwise a tiled
 //! im2col + one GEMM per tile through the `gemm` crate (candle's own GEMM). Bias and ReLU are
 //! fused into each kernel's output pass, buffers come from a pool kept between frames, and the
 //! first fully connected layer of each head has its columns permuted at load so the NHWC
@@ -344,7 +344,6 @@ impl Conv3 {
     }
 
     /// Which kernel runs this conv.
-    #[cfg(test)]
     fn kernel(&self) -> &'static str {
         match (&self.winograd, self.wd.is_empty()) {
             (Some(wg), _) => wg.name(),
@@ -925,11 +924,58 @@ fn step(x: Map, bufs: &Buffers, f: impl FnOnce(&Map) -> Map) -> Map {
     y
 }
 
-fn run_stack(stages: &[Vec<Conv3>], x: Map, ceil: bool, bufs: &Buffers) -> Map {
+/// One conv's time in one frame (see [`CpuNet::profile`]).
+#[derive(Clone, Debug)]
+pub struct LayerTime {
+    /// The conv's tensor prefix, e.g. `backbone.s2.c1`.
+    pub name: String,
+    /// Input map and channels, e.g. `28x28 256->256`, with `/2` for stride 2.
+    pub shape: String,
+    /// The kernel that ran it: `direct`, `im2col + gemm`, `winograd F(2x2)` or `F(4x4)`.
+    pub kernel: &'static str,
+    /// Wall time.
+    pub time: Duration,
+}
+
+/// Where a profiled frame's conv times go; the I_H branch records from another thread.
+type Recorder = Mutex<Vec<LayerTime>>;
+
+/// `conv` applied to `x` as [`step`] does, timed into `rec` under `name` when profiling.
+fn conv_step(
+    x: Map,
+    conv: &Conv3,
+    bufs: &Buffers,
+    rec: Option<&Recorder>,
+    name: impl FnOnce() -> String,
+) -> Map {
+    let t = Instant::now();
+    let (h, w) = (x.h, x.w);
+    let y = step(x, bufs, |x| conv.forward(x, bufs));
+    if let Some(rec) = rec {
+        let stride = if conv.stride == 1 { "" } else { " /2" };
+        let t = LayerTime {
+            name: name(),
+            shape: format!("{h}x{w} {}->{}{stride}", conv.cin, conv.cout),
+            kernel: conv.kernel(),
+            time: t.elapsed(),
+        };
+        rec.lock().unwrap_or_else(PoisonError::into_inner).push(t);
+    }
+    y
+}
+
+fn run_stack(
+    stages: &[Vec<Conv3>],
+    x: Map,
+    ceil: bool,
+    bufs: &Buffers,
+    at: &str,
+    rec: Option<&Recorder>,
+) -> Map {
     let mut x = x;
-    for stage in stages {
-        for conv in stage {
-            x = step(x, bufs, |x| conv.forward(x, bufs));
+    for (s, stage) in stages.iter().enumerate() {
+        for (i, conv) in stage.iter().enumerate() {
+            x = conv_step(x, conv, bufs, rec, || format!("{at}.s{s}.c{i}"));
         }
         x = step(x, bufs, |x| max_pool(x, ceil, bufs));
     }
@@ -1011,10 +1057,34 @@ impl CpuNet {
         // the other worker through the pool's deque, instead of each one waking the pool from
         // outside and blocking this thread (measured: a quarter of a small model's time went to
         // those wake-ups).
-        rayon::scope(|_| self.forward_on_pool(nchw, n))
+        rayon::scope(|_| self.forward_on_pool(nchw, n, None))
     }
 
-    fn forward_on_pool(&self, nchw: &[f32], n: usize) -> (Vec<f32>, StageTimes) {
+    /// Every conv's time in one pass of the first image of a normalised NCHW batch, in network
+    /// order (encoder, I_L backbone, I_H branch). The branch runs beside the backbone as in
+    /// [`CpuNet::forward`], so the layers it overlaps share the cores with it.
+    pub fn profile(&self, nchw: &[f32]) -> Vec<LayerTime> {
+        let i = self.config.input;
+        let rec = Recorder::default();
+        rayon::scope(|_| {
+            self.forward_on_pool(&nchw[..i.channels * i.height * i.width], 1, Some(&rec))
+        });
+        let mut layers = rec.into_inner().unwrap_or_else(PoisonError::into_inner);
+        let rank = |n: &str| {
+            ["encoder", "backbone", "branch"]
+                .iter()
+                .position(|p| n.starts_with(p))
+        };
+        layers.sort_by(|a, b| (rank(&a.name), &a.name).cmp(&(rank(&b.name), &b.name)));
+        layers
+    }
+
+    fn forward_on_pool(
+        &self,
+        nchw: &[f32],
+        n: usize,
+        rec: Option<&Recorder>,
+    ) -> (Vec<f32>, StageTimes) {
         let i = self.config.input;
         let per = i.channels * i.height * i.width;
         assert_eq!(nchw.len(), n * per, "input is not [n, C, H, W]");
@@ -1038,10 +1108,10 @@ impl CpuNet {
                     halves
                 }
                 Split::Learned { convs, split } => {
-                    for conv in convs {
-                        x = step(x, bufs, |x| conv.forward(x, bufs));
+                    for (i, conv) in convs.iter().enumerate() {
+                        x = conv_step(x, conv, bufs, rec, || format!("encoder.conv{i}"));
                     }
-                    let both = step(x, bufs, |x| split.forward(x, bufs));
+                    let both = conv_step(x, split, bufs, rec, || "encoder.split".into());
                     let (low, high) = both.split_channels(split.cout / 2, bufs);
                     bufs.give(both.data);
                     (low, Some(high))
@@ -1049,19 +1119,22 @@ impl CpuNet {
             };
             let t1 = Instant::now();
             let ceil = self.config.arch.pool_ceil;
-            let timed = |stages: &[Vec<Conv3>], x: Map| {
+            let timed = |stages: &[Vec<Conv3>], x: Map, at: &str| {
                 let t = Instant::now();
-                let y = run_stack(stages, x, ceil, bufs);
+                let y = run_stack(stages, x, ceil, bufs, at, rec);
                 (y, t.elapsed())
             };
             // The I_H branch runs beside the I_L backbone (a second core is otherwise idle during
             // the backbone's small convs); their stage times overlap.
             let ((f_low, t_low), high) = match (&self.branch, high) {
                 (Some(b), Some(h)) => {
-                    let (l, h) = rayon::join(|| timed(&self.backbone, low), || timed(b, h));
+                    let (l, h) = rayon::join(
+                        || timed(&self.backbone, low, "backbone"),
+                        || timed(b, h, "branch"),
+                    );
                     (l, Some(h))
                 }
-                _ => (timed(&self.backbone, low), None),
+                _ => (timed(&self.backbone, low, "backbone"), None),
             };
             let (f_high, t_high) = high.map_or((None, Duration::ZERO), |(f, t)| (Some(f), t));
             let t3 = Instant::now();

@@ -99,8 +99,7 @@ impl Winograd {
         }
     }
 
-    /// Which transform, for tests' messages.
-    #[cfg(test)]
+    /// Which transform, for profiles and tests' messages.
     pub(super) fn name(&self) -> &'static str {
         if self.n == 4 {
             "winograd F(2x2)"
