@@ -477,7 +477,7 @@ fn output_tiles<S: Simd, const N: usize, const M: usize>(simd: S, job: OutputTil
 /// A vector from `s` (up to one vector's worth, zero-filled): pulp's partial loads are calls
 /// into the crate, so whole vectors take the plain path.
 #[inline(always)]
-fn load<S: Simd>(simd: S, s: &[f32]) -> S::f32s {
+pub(super) fn load<S: Simd>(simd: S, s: &[f32]) -> S::f32s {
     if s.len() == S::F32_LANES {
         S::as_simd_f32s(s).0[0]
     } else {
@@ -487,7 +487,7 @@ fn load<S: Simd>(simd: S, s: &[f32]) -> S::f32s {
 
 /// Stores the first `s.len()` lanes of `v` into `s` (see [`load`]).
 #[inline(always)]
-fn store<S: Simd>(simd: S, s: &mut [f32], v: S::f32s) {
+pub(super) fn store<S: Simd>(simd: S, s: &mut [f32], v: S::f32s) {
     if s.len() == S::F32_LANES {
         S::as_mut_simd_f32s(s).0[0] = v;
     } else {
