@@ -1,5 +1,6 @@
 //! Per-layer profile of the native CPU engine: the median time and GFLOP/s of every 3x3 conv
-//! shape the presets use, through the kernel the engine picks (direct or im2col + GEMM).
+//! shape the presets use, through the kernel the engine picks (direct, Winograd F(2x2) or F(4x4), or
+//! im2col + GEMM). `wae-edge bench --layers` times the same convs inside a network.
 //!     cargo bench --bench conv_layers
 use wae_edge::cpu::time_conv3;
 

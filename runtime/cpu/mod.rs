@@ -102,10 +102,10 @@ struct Conv3 {
     winograd: Option<Winograd>,
 }
 
-/// Convs with at most this many input channels, or fewer than [`DIRECT_MIN_COUT`] outputs, run
-/// the direct kernel: with K = 9 * cin this small, im2col + GEMM is mostly copying and packing
-/// (measured: 28x28 1->16 takes 35 us that way, 9 us direct; 224x224 16->16 takes 2.25 ms
-/// against 1.8 ms direct).
+/// Convs that Winograd does not take, with at most this many input channels or fewer than
+/// [`DIRECT_MIN_COUT`] outputs, run the direct kernel: with K = 9 * cin this small, im2col +
+/// GEMM is mostly copying and packing (measured: 28x28 1->16 takes 35 us that way, 9 us direct;
+/// 224x224 16->16 takes 2.25 ms against 1.8 ms direct).
 const DIRECT_MAX_CIN: usize = 16;
 const DIRECT_MIN_COUT: usize = 16;
 /// The direct kernel's weight rows are padded to a multiple of this many channels, so a pass
