@@ -263,6 +263,10 @@ impl Winograd {
         bufs: &Buffers,
     ) {
         let arch = pulp::Arch::new();
+        // One spare row per position: with blocks of 64 tiles a position's products would
+        // start every 4 KB (16 KB), so the 16 or 36 rows the transform back reads for one tile
+        // would all fall in one L1 set (measured, 224x224 16->16: 0.88-0.97 -> 0.74-0.76 ms).
+        let block = block + 1;
         let mut m = bufs.take(self.pos() * block * self.cols);
         arch.dispatch(Products {
             wg: self,
