@@ -78,18 +78,25 @@ impl Winograd {
                 ]
             }
         };
-        for ci in 0..cin {
-            for co in 0..cout {
-                let g = |ky: usize, kx: usize| w[((ky * 3 + kx) * cin + ci) * cout + co];
-                let gc: [[f32; 6]; 3] = std::array::from_fn(|kx| g4(g(0, kx), g(1, kx), g(2, kx)));
-                for i in 0..n {
-                    let row = g4(gc[0][i], gc[1][i], gc[2][i]);
-                    for (j, v) in row.into_iter().take(n).enumerate() {
-                        u[(((co / cols) * pos + i * n + j) * cin + ci) * cols + co % cols] = v;
+        // Output groups in parallel (each owns a contiguous block of `u`): VGG16's F(4x4)
+        // kernels are 235 MB, and building them was most of its load time.
+        u.par_chunks_mut(pos * cin * cols)
+            .enumerate()
+            .for_each(|(grp, ug)| {
+                for co in grp * cols..cout.min((grp + 1) * cols) {
+                    for ci in 0..cin {
+                        let g = |ky: usize, kx: usize| w[((ky * 3 + kx) * cin + ci) * cout + co];
+                        let gc: [[f32; 6]; 3] =
+                            std::array::from_fn(|kx| g4(g(0, kx), g(1, kx), g(2, kx)));
+                        for i in 0..n {
+                            let row = g4(gc[0][i], gc[1][i], gc[2][i]);
+                            for (j, v) in row.into_iter().take(n).enumerate() {
+                                ug[((i * n + j) * cin + ci) * cols + co % cols] = v;
+                            }
+                        }
                     }
                 }
-            }
-        }
+            });
         Winograd {
             cin,
             cout,
