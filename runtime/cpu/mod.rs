@@ -1,9 +1,9 @@
 //! wae-edge's own CPU inference path for the inference network. Candle's CPU conv2d re-lays out
 //! the input (NCHW -> NHWC) and re-flattens the kernel on every call, which dominates small maps;
 //! here activations stay NHWC end to end and kernels are laid out once at load for the kernel
-//! chosen per conv: Winograd F(4x4,3x3) (F(2x2,3x3) on maps under 8) for stride-1 convs with 16+
-//! input channels (`winograd.rs`), a direct register-blocked SIMD kernel for few channels, and otherwise a tiled
-//! im2col + one GEMM per tile through the `gemm` crate (candle's own GEMM). Bias and ReLU are
+//! chosen per conv: Winograd F(4x4,3x3) (F(2x2,3x3) on maps under 8) for stride-1 convs with
+//! 16+ input channels (`winograd.rs`), a direct register-blocked SIMD kernel for few channels,
+//! and otherwise a tiled im2col + one GEMM per tile through the `gemm` crate (candle's own GEMM). Bias and ReLU are
 //! fused into each kernel's output pass, buffers come from a pool kept between frames, and the
 //! first fully connected layer of each head has its columns permuted at load so the NHWC
 //! flatten feeds it directly. Results match the candle path within f32 rounding (tests compare).
@@ -634,10 +634,18 @@ fn direct_rows<S: Simd, const V: usize, const P: usize>(simd: S, rows: DirectRow
     }
 }
 
+/// A side of `n` after [`max_pool`].
+fn pooled(n: usize, ceil: bool) -> usize {
+    if ceil {
+        n.div_ceil(2)
+    } else {
+        n / 2
+    }
+}
+
 /// 2x2/2 max-pool; `ceil` keeps a clipped window at odd edges (Caffe/ONNX ceil mode).
 fn max_pool(x: &Map, ceil: bool, bufs: &Buffers) -> Map {
-    let side = |n: usize| if ceil { n.div_ceil(2) } else { n / 2 };
-    let (oh, ow) = (side(x.h), side(x.w));
+    let (oh, ow) = (pooled(x.h, ceil), pooled(x.w, ceil));
     let mut out = bufs.map(oh, ow, x.c);
     out.data.fill(f32::NEG_INFINITY);
     for oy in 0..oh {
@@ -909,7 +917,7 @@ fn stack(
             let convs = (0..st.len())
                 .map(|i| Conv3::load(file, &format!("{at}.s{s}.c{i}"), 1, true, side))
                 .collect();
-            side = if ceil { side.div_ceil(2) } else { side / 2 };
+            side = pooled(side, ceil);
             convs
         })
         .collect()

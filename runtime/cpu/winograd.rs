@@ -22,11 +22,12 @@ use super::{Buffers, Map, SendPtr};
 const COLS: usize = 64;
 /// Bytes of transformed input per span of tiles (half of L2 here).
 const SPAN_BYTES: usize = 512 * 1024;
-/// Tiles per work item at most: their products (`16 x TILES x COLS` floats, 256 KB) stay in L2
-/// while the transform back reads them. Each item reads its channel group's kernels once
-/// (`16 x cin x COLS` floats, 2 MB at 512 channels), so big blocks matter on deep layers.
+/// Tiles per work item at most: their products (`n*n x TILES x COLS` floats, 256 KB for
+/// F(2x2)) stay in L2 while the transform back reads them. Each item reads its channel group's
+/// kernels once (`n*n x cin x COLS` floats, 2 MB for F(2x2) at 512 channels), so big blocks
+/// matter on deep layers.
 const TILES: usize = 64;
-/// An item's kernels (`16 x cin x cols` floats) from which blocks may hold `4 x TILES` tiles.
+/// An item's kernels (`n*n x cin x cols` floats) from which blocks may hold `4 x TILES` tiles.
 const BIG_KERNELS: usize = 2 << 20;
 /// Convs with at most this many input channels run [`Winograd::forward_fused`] (measured,
 /// 32->32: 14x14 19.5 -> 15.6 us, 56x56 327 -> 270 us, 112x112 1143 -> 950 us; at 64 channels
@@ -574,14 +575,14 @@ fn at<S: Simd, const N: usize, const M: usize>(simd: S, r: [S::f32s; N]) -> [S::
     s
 }
 
-/// The 16 products of one work item: its `nt` tiles, output channels `c0..c0 + cols`.
+/// The `n * n` products of one work item: its `nt` tiles, output channels `c0..c0 + cols`.
 struct Products<'a> {
     wg: &'a Winograd,
-    /// The item's transformed input tiles, `[nt][16][cin]`.
+    /// The item's transformed input tiles, `[nt][n * n][cin]`.
     v: &'a [f32],
     nt: usize,
     c0: usize,
-    /// `[16][block][cols]`.
+    /// `[n * n][block][cols]` (`block` includes the spare row, see [`Winograd::item`]).
     m: &'a mut [f32],
     block: usize,
 }
