@@ -21,7 +21,8 @@ use crate::model::StageTimes;
 use crate::weights::{ModelFile, WeightsError};
 use winograd::Winograd;
 
-/// Input values from which a max pool splits its rows over the cores.
+/// Input values from which a max pool (or the input's NCHW -> NHWC copy) splits its rows over
+/// the cores.
 const POOL_SPLIT_MIN: usize = 1 << 16;
 /// Output pixels per im2col tile: keeps the patch buffer within L2 for typical widths.
 const TILE_BYTES: usize = 256 * 1024;
@@ -1156,11 +1157,22 @@ impl CpuNet {
             let t = Instant::now();
             let plane = i.height * i.width;
             let mut x = bufs.map(i.height, i.width, i.channels);
-            for ch in 0..i.channels {
-                for p in 0..plane {
-                    x.data[p * i.channels + ch] = img[ch * plane + p];
+            // NCHW -> NHWC in bands of rows on all cores (measured, VGG16 224x224x3, four
+            // alternating pairs: 0.106-0.163 -> 0.084-0.110 ms).
+            let c = i.channels;
+            let rows_per = if per >= POOL_SPLIT_MIN {
+                i.height.div_ceil(2 * rayon::current_num_threads().max(1))
+            } else {
+                i.height
+            };
+            for_each_chunk(&mut x.data, rows_per * i.width * c, |(b, band)| {
+                let p0 = b * rows_per * i.width;
+                for (p, px) in band.chunks_exact_mut(c).enumerate() {
+                    for (ch, v) in px.iter_mut().enumerate() {
+                        *v = img[ch * plane + p0 + p];
+                    }
                 }
-            }
+            });
             let (low, high) = match &self.split {
                 Split::Identity => (x, None),
                 Split::Average | Split::Haar => {
@@ -1285,15 +1297,22 @@ mod tests {
     #[test]
     fn matches_the_candle_path() {
         let dir = tempfile::tempdir().unwrap();
-        for (name, kind, wide_head) in [
-            ("wae-fashion", ArchKind::Wae, false),
-            ("wae-fashion", ArchKind::Wae, true),
-            ("wae-fashion", ArchKind::Haar, false),
-            ("plain-fashion", ArchKind::Plain, false),
-            ("plain-fashion", ArchKind::NaiveHalf, false),
+        for (name, kind, wide_head, side) in [
+            ("wae-fashion", ArchKind::Wae, false, 28),
+            ("wae-fashion", ArchKind::Wae, true, 28),
+            ("wae-fashion", ArchKind::Haar, false, 28),
+            ("plain-fashion", ArchKind::Plain, false, 28),
+            ("plain-fashion", ArchKind::NaiveHalf, false, 28),
+            // A frame big enough for the input copy and the pools to split into bands of rows.
+            ("wae-fashion", ArchKind::Wae, false, 260),
         ] {
             let mut cfg = preset(name).unwrap();
             cfg.arch.kind = kind;
+            if side != 28 {
+                cfg.input.height = side;
+                cfg.input.width = side;
+                cfg.arch.backbone = vec![vec![8], vec![8], vec![8], vec![8], vec![8]];
+            }
             if wide_head {
                 // Over DENSE_F16_MIN weights: the f16 GEMV, after the NCHW -> NHWC permutation.
                 cfg.arch.head_low = vec![1100];
@@ -1307,13 +1326,15 @@ mod tests {
             // An odd feature map exercises ceil pooling; floor is checked with the plain net.
             cfg.arch.pool_ceil = kind != ArchKind::Plain;
             let (cfg, tensors) = crate::weights::random_model(&cfg, 11).unwrap();
-            let p = dir.path().join(format!("{kind:?}-{wide_head}.safetensors"));
+            let p = dir
+                .path()
+                .join(format!("{kind:?}-{wide_head}-{side}.safetensors"));
             crate::weights::save(&p, &cfg, &tensors).unwrap();
             let file = ModelFile::open(&p).unwrap();
             let mut cpu = CpuNet::from_file(&file).unwrap();
             cpu.bufs = poisoned();
             let net = file.build(&Device::Cpu).unwrap();
-            let x = || Tensor::randn(0f32, 1., (3, 1, 28, 28), &Device::Cpu).unwrap();
+            let x = || Tensor::randn(0f32, 1., (3, 1, side, side), &Device::Cpu).unwrap();
             let run = |x: &Tensor| {
                 cpu.forward(&x.flatten_all().unwrap().to_vec1().unwrap(), 3)
                     .0
