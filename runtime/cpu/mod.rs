@@ -21,9 +21,9 @@ use crate::model::StageTimes;
 use crate::weights::{ModelFile, WeightsError};
 use winograd::Winograd;
 
-/// Input values from which a max pool (or the input's NCHW -> NHWC copy) splits its rows over
-/// the cores.
-const POOL_SPLIT_MIN: usize = 1 << 16;
+/// Values from which a memory-bound pass over a map (a max pool, the input's NCHW -> NHWC copy)
+/// splits its rows over the cores.
+const COPY_SPLIT_MIN: usize = 1 << 16;
 /// Output pixels per im2col tile: keeps the patch buffer within L2 for typical widths.
 const TILE_BYTES: usize = 256 * 1024;
 /// Multiply-accumulates from which a one-tile GEMM conv splits its output channels over two
@@ -485,11 +485,7 @@ impl Conv3 {
         let (oh, ow) = (out_side(x.h, self.stride), out_side(x.w, self.stride));
         let wp = x.w + 2;
         let mut out = bufs.map(oh, ow, self.cout);
-        let rows_per = if oh * ow * 9 * x.c * self.cout > (1 << 20) {
-            oh.div_ceil(4 * rayon::current_num_threads().max(1))
-        } else {
-            oh
-        };
+        let rows_per = band_rows(oh, oh * ow * 9 * x.c * self.cout > (1 << 20), 4);
         let run = |(i, dst): (usize, &mut [f32])| {
             let y0 = i * rows_per;
             let rows = dst.len() / (ow * self.cout);
@@ -526,6 +522,16 @@ fn pad_rows(x: &Map, top: usize, xp: &mut [f32]) {
             }
             None => row.fill(0.0),
         }
+    }
+}
+
+/// Rows per band when a map of `rows` rows is cut into `per_core` bands for each core, or all of
+/// them in one band unless `split`.
+fn band_rows(rows: usize, split: bool, per_core: usize) -> usize {
+    if split {
+        rows.div_ceil(per_core * rayon::current_num_threads().max(1))
+    } else {
+        rows
     }
 }
 
@@ -680,11 +686,7 @@ fn max_pool(x: &Map, ceil: bool, bufs: &Buffers) -> Map {
     // Bands of output rows on all cores, each window started from its top-left pixel rather
     // than a filled -inf (measured alone, two alternating runs: VGG16's first pool, 224x224x64,
     // 725-1215 -> 430-452 us; WAE-VGG16's, 112x112x64, 144 -> 58-82 us).
-    let rows_per = if x.data.len() >= POOL_SPLIT_MIN {
-        oh.div_ceil(2 * rayon::current_num_threads().max(1))
-    } else {
-        oh
-    };
+    let rows_per = band_rows(oh, x.data.len() >= COPY_SPLIT_MIN, 2);
     let pixel = |y: usize, xx: usize| &x.data[(y * x.w + xx) * c..][..c];
     for_each_chunk(&mut out.data, rows_per * ow * c, |(i, band)| {
         for (r, row) in band.chunks_exact_mut(ow * c).enumerate() {
@@ -1160,11 +1162,7 @@ impl CpuNet {
             // NCHW -> NHWC in bands of rows on all cores (measured, VGG16 224x224x3, four
             // alternating pairs: 0.106-0.163 -> 0.084-0.110 ms).
             let c = i.channels;
-            let rows_per = if per >= POOL_SPLIT_MIN {
-                i.height.div_ceil(2 * rayon::current_num_threads().max(1))
-            } else {
-                i.height
-            };
+            let rows_per = band_rows(i.height, per >= COPY_SPLIT_MIN, 2);
             for_each_chunk(&mut x.data, rows_per * i.width * c, |(b, band)| {
                 let p0 = b * rows_per * i.width;
                 for (p, px) in band.chunks_exact_mut(c).enumerate() {
