@@ -3,10 +3,11 @@
 //! here activations stay NHWC end to end and kernels are laid out once at load for the kernel
 //! chosen per conv: Winograd F(4x4,3x3) (F(2x2,3x3) on maps under 8) for stride-1 convs with
 //! 16+ input channels (`winograd.rs`), a direct register-blocked SIMD kernel for few channels,
-//! and otherwise a tiled im2col + one GEMM per tile through the `gemm` crate (candle's own GEMM). Bias and ReLU are
-//! fused into each kernel's output pass, buffers come from a pool kept between frames, and the
-//! first fully connected layer of each head has its columns permuted at load so the NHWC
-//! flatten feeds it directly. Results match the candle path within f32 rounding (tests compare).
+//! and otherwise a tiled im2col + one GEMM per tile through the `gemm` crate (candle's own GEMM).
+//! Bias and ReLU are fused into each kernel's output pass, buffers come from a pool kept between
+//! frames, and the first fully connected layer of each head has its columns permuted at load so
+//! the NHWC flatten feeds it directly. Results match the candle path within f32 rounding (tests
+//! compare).
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -1512,10 +1513,6 @@ mod tests {
         }
     }
 
-    /// Large FC layers keep f16 weights: the blocked, parallel GEMV equals the plain sum over
-    /// the same (f16-rounded) weights, with a row count that is not a multiple of the row group
-    /// and a width that is not a multiple of the block or of the fused kernel's 32 (the last
-    /// three inputs are non-zero, so a dropped tail shows).
     /// Max pooling against each window's maximum, on maps small enough for one thread and big
     /// enough for bands of rows, with odd sides in both rounding modes.
     #[test]
@@ -1551,6 +1548,10 @@ mod tests {
         }
     }
 
+    /// Large FC layers keep f16 weights: the blocked, parallel GEMV equals the plain sum over
+    /// the same (f16-rounded) weights, with a row count that is not a multiple of the row group
+    /// and a width that is not a multiple of the block or of the fused kernel's 32 (the last
+    /// three inputs are non-zero, so a dropped tail shows).
     #[test]
     fn f16_gemv_matches_the_plain_sum() {
         let (n_out, n_in) = (702, 2 * DENSE_BLOCK + 99);

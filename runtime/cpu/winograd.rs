@@ -630,7 +630,7 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
     // other tenants on the memory bus; session 7's prefetch of the next panel had shown no
     // change on the whole network).
     let passes = nt.div_ceil(P) * cols.div_ceil(width);
-    let lines = panel * 4 / 64;
+    let lines = panel / LINE_FLOATS;
     let prefetch = panel * pos * 4 >= BIG_KERNELS && passes > 1;
     let per_ci = lines.div_ceil(passes * cin);
     for xi in 0..pos {
@@ -659,9 +659,9 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
                     if let Some(next) = next {
                         for _ in 0..per_ci {
                             if line < lines {
-                                // SAFETY: `line * 16 < panel`, inside the next panel; a prefetch
-                                // never faults anyway.
-                                prefetch_l2(unsafe { next.add(line * 16) });
+                                // SAFETY: `line * LINE_FLOATS < panel`, inside the next panel; a
+                                // prefetch never faults anyway.
+                                prefetch_l2(unsafe { next.add(line * LINE_FLOATS) });
                                 line += 1;
                             }
                         }
@@ -688,6 +688,9 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
         }
     }
 }
+
+/// Floats per 64-byte cache line, the step of [`prefetch_l2`] over a kernel panel.
+const LINE_FLOATS: usize = 64 / 4;
 
 /// Asks for the cache line at `p` in L2 (a hint: no effect where the CPU has no such
 /// instruction).
