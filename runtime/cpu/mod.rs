@@ -1507,6 +1507,10 @@ mod tests {
             // Winograd with few inputs (each item transforms its own tiles): two channel
             // groups and a short last block of tiles.
             (30, 22, 32, 72, 1, true),
+            // F(4x4) with halved last tile rows and columns (sides 14 and 10), and items that
+            // hold only halved tiles (14x14 with one channel group: 4 items of 4 tiles).
+            (14, 14, 64, 64, 1, true),
+            (10, 14, 40, 24, 1, false),
             // Kernels big enough for blocks of more than 64 tiles (110 tiles, 4 groups).
             (22, 20, 512, 200, 1, true),
             // 16 input channels (Winograd from 16 on), clipped tiles on both edges.

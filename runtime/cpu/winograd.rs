@@ -7,6 +7,8 @@
 //! runs the `n * n` products `[tiles x cin] x [cin x cout]` in a register-blocked SIMD kernel and
 //! transforms them straight back to output pixels, with bias and ReLU. With few input channels
 //! each work item transforms its own tiles instead (`forward_fused`): one parallel loop a frame.
+//! Where a map's side leaves the last F(4x4) tiles 2 outputs (14x14), those tiles run F(2x2) on
+//! the same kernels (`Edges`) rather than compute 4 outputs and drop 2.
 //! Rounding differs from the direct sum: a few ulps for F(2x2), about 1e-5 of the output's scale
 //! for F(4x4), whose transforms multiply by up to 8 and divide by 24; tests bound it.
 
@@ -33,6 +35,54 @@ const BIG_KERNELS: usize = 2 << 20;
 /// 32->32: 14x14 19.5 -> 15.6 us, 56x56 327 -> 270 us, 112x112 1143 -> 950 us; at 64 channels
 /// and more the two forms are level).
 const FUSED_MAX_CIN: usize = 32;
+
+/// F(2x2)'s points (0, 1, -1, inf) are four of F(4x4)'s six, at these positions of a 6-point axis:
+/// its transformed kernels are F(4x4)'s there, row by row scaled by 1/4, -1/3, -1/3 and 1.
+const HALF: [usize; 4] = [0, 1, 2, 5];
+/// What the input transform of a halved axis multiplies by to undo that scale.
+const HALF_UNSCALE: [f32; 4] = [4.0, -3.0, -3.0, 1.0];
+
+/// The last row and column of F(4x4) tiles on a map whose side leaves them 2 outputs (14, 30, ...)
+/// run F(2x2) on the same kernels along that axis, at the positions in [`HALF`], instead of
+/// computing 4 outputs and dropping 2. A 14x14 map then does 484 products per channel pair
+/// instead of 576, with no kernels of its own.
+#[derive(Clone, Copy, Debug)]
+struct Edges {
+    /// The tile row whose tiles are halved, or `usize::MAX`.
+    row: usize,
+    /// The tile column whose tiles are halved, or `usize::MAX`.
+    col: usize,
+}
+
+impl Edges {
+    /// The halved tile row and column of an `h x w` map with input tiles of side `n`.
+    fn new(n: usize, h: usize, w: usize) -> Edges {
+        let half = |side: usize| {
+            if n == 6 && side % 4 == 2 {
+                side / 4
+            } else {
+                usize::MAX
+            }
+        };
+        Edges {
+            row: half(h),
+            col: half(w),
+        }
+    }
+
+    /// Whether tile `t` (of `tw` a row) is halved along its rows and along its columns.
+    #[inline(always)]
+    fn of(self, t: usize, tw: usize) -> (bool, bool) {
+        (t / tw == self.row, t % tw == self.col)
+    }
+
+    /// Whether tile `t` has a product at position `(i, j)`: a halved axis has none at 3 and 4.
+    #[inline(always)]
+    fn uses(self, t: usize, tw: usize, i: usize, j: usize) -> bool {
+        let (r, c) = self.of(t, tw);
+        !(r && (i == 3 || i == 4)) && !(c && (j == 3 || j == 4))
+    }
+}
 
 /// A conv's kernels in the Winograd domain.
 pub(super) struct Winograd {
@@ -278,10 +328,14 @@ impl Winograd {
         // would all fall in one L1 set (measured, 224x224 16->16: 0.88-0.97 -> 0.74-0.76 ms).
         let block = block + 1;
         let mut m = bufs.take(self.pos() * block * self.cols);
+        let edges = Edges::new(self.n, x.h, x.w);
         arch.dispatch(Products {
             wg: self,
             v,
+            t0,
             nt,
+            tw,
+            edges,
             c0,
             m: &mut m,
             block,
@@ -299,6 +353,7 @@ impl Winograd {
             out: dst,
             h: x.h,
             w: x.w,
+            edges,
         });
         bufs.give(m);
     }
@@ -343,8 +398,24 @@ fn input_tiles<S: Simd, const N: usize>(simd: S, job: InputTiles<'_>) {
     } = job;
     let c = x.c;
     let zero = simd.splat_f32s(0.0);
+    let edges = Edges::new(N, x.h, x.w);
     for (k, vt) in v.chunks_exact_mut(N * N * c).enumerate() {
         let (ty, tx) = ((t0 + k) / tw, (t0 + k) % tw);
+        match edges.of(t0 + k, tw) {
+            (false, false) => {}
+            (true, false) => {
+                edge_input::<S, 4, 6>(simd, x, zeros, ty, tx, vt);
+                continue;
+            }
+            (false, true) => {
+                edge_input::<S, 6, 4>(simd, x, zeros, ty, tx, vt);
+                continue;
+            }
+            (true, true) => {
+                edge_input::<S, 4, 4>(simd, x, zeros, ty, tx, vt);
+                continue;
+            }
+        }
         // Where each tap's channels start: in the map, or in `zeros` outside it. Plain loops,
         // not closures (see below): this runs once per tile, and with 16 channels a tile's
         // transform is only a few dozen vector operations.
@@ -397,6 +468,83 @@ fn input_tiles<S: Simd, const N: usize>(simd: S, job: InputTiles<'_>) {
     }
 }
 
+/// The position on a 6-point axis of point `i` of an axis with `K` points (6, or F(2x2)'s 4).
+#[inline(always)]
+fn axis_pos<const K: usize>(i: usize) -> usize {
+    if K == 6 {
+        i
+    } else {
+        HALF[i]
+    }
+}
+
+/// `B^T r` along an axis of `K` points: F(4x4)'s, or F(2x2)'s with F(4x4)'s kernel scale undone.
+#[inline(always)]
+fn bt_axis<S: Simd, const K: usize>(simd: S, r: [S::f32s; K]) -> [S::f32s; K] {
+    let mut t = bt(simd, r);
+    if K == 4 {
+        for (v, s) in t.iter_mut().zip(HALF_UNSCALE) {
+            *v = simd.mul_f32s(simd.splat_f32s(s), *v);
+        }
+    }
+    t
+}
+
+/// [`input_tiles`] for an F(4x4) tile with `R` rows and `C` columns of input (6, or 4 on a halved
+/// axis, see [`Edges`]): writes the positions its products use and leaves the rest.
+#[inline(always)]
+fn edge_input<S: Simd, const R: usize, const C: usize>(
+    simd: S,
+    x: &Map,
+    zeros: &[f32],
+    ty: usize,
+    tx: usize,
+    vt: &mut [f32],
+) {
+    let c = x.c;
+    let zero = simd.splat_f32s(0.0);
+    let mut src = [[zeros.as_ptr(); C]; R];
+    for (i, row) in src.iter_mut().enumerate() {
+        let y = (4 * ty + i).wrapping_sub(1);
+        if y >= x.h {
+            continue;
+        }
+        for (j, s) in row.iter_mut().enumerate() {
+            let xx = (4 * tx + j).wrapping_sub(1);
+            if xx < x.w {
+                *s = x.data[(y * x.w + xx) * c..][..c].as_ptr();
+            }
+        }
+    }
+    let mut ch = 0;
+    while ch < c {
+        let n = S::F32_LANES.min(c - ch);
+        // e[j]: column j of B^T d.
+        let mut e = [[zero; R]; C];
+        for (j, ej) in e.iter_mut().enumerate() {
+            let mut col = [zero; R];
+            for (i, v) in col.iter_mut().enumerate() {
+                // SAFETY: every `src` points at `c` readable values and `ch + n <= c`.
+                *v = load(simd, unsafe {
+                    std::slice::from_raw_parts(src[i][j].add(ch), n)
+                });
+            }
+            *ej = bt_axis(simd, col);
+        }
+        for i in 0..R {
+            let mut row = [zero; C];
+            for (r, ej) in row.iter_mut().zip(&e) {
+                *r = ej[i];
+            }
+            for (j, val) in bt_axis(simd, row).into_iter().enumerate() {
+                let at = axis_pos::<R>(i) * 6 + axis_pos::<C>(j);
+                store(simd, &mut vt[at * c + ch..][..n], val);
+            }
+        }
+        ch += n;
+    }
+}
+
 /// Transforms products `m` (`[n * n][block][cols]`) of tiles `t0..t0 + nt` back to output
 /// pixels, channels `c0..c0 + cols` (clipped to `cout`), with bias and ReLU (`A^T` in [`at`],
 /// on both sides).
@@ -415,6 +563,7 @@ struct OutputTiles<'a> {
     out: &'a SendPtr,
     h: usize,
     w: usize,
+    edges: Edges,
 }
 
 impl WithSimd for OutputTiles<'_> {
@@ -445,11 +594,45 @@ fn output_tiles<S: Simd, const N: usize, const M: usize>(simd: S, job: OutputTil
         out,
         h,
         w,
+        edges,
     } = job;
     let (cols, n) = (wg.cols, wg.cols.min(wg.cout - c0));
     let zero = simd.splat_f32s(0.0);
     for p in 0..nt {
         let (ty, tx) = ((t0 + p) / tw, (t0 + p) % tw);
+        if N == 6 {
+            let tile = EdgeTile {
+                m,
+                block,
+                p,
+                cols,
+                c0,
+                n,
+                bias,
+                relu,
+                out,
+                cout: wg.cout,
+                y0: 4 * ty,
+                x0: 4 * tx,
+                h,
+                w,
+            };
+            match edges.of(t0 + p, tw) {
+                (false, false) => {}
+                (true, false) => {
+                    edge_output::<S, 4, 6, 2, 4>(simd, tile);
+                    continue;
+                }
+                (false, true) => {
+                    edge_output::<S, 6, 4, 4, 2>(simd, tile);
+                    continue;
+                }
+                (true, true) => {
+                    edge_output::<S, 4, 4, 2, 2>(simd, tile);
+                    continue;
+                }
+            }
+        }
         let mut c = 0;
         while c < n {
             let k = S::F32_LANES.min(n - c);
@@ -497,6 +680,77 @@ fn output_tiles<S: Simd, const N: usize, const M: usize>(simd: S, job: OutputTil
             }
             c += k;
         }
+    }
+}
+
+/// One F(4x4) tile with halved axes for [`edge_output`].
+struct EdgeTile<'a> {
+    m: &'a [f32],
+    block: usize,
+    /// The tile's row in `m`'s blocks.
+    p: usize,
+    cols: usize,
+    c0: usize,
+    /// Output channels in this group (`cols`, clipped to `cout`).
+    n: usize,
+    bias: &'a [f32],
+    relu: bool,
+    out: &'a SendPtr,
+    cout: usize,
+    /// The tile's first output pixel.
+    y0: usize,
+    x0: usize,
+    h: usize,
+    w: usize,
+}
+
+/// [`output_tiles`] for an F(4x4) tile with `R x C` products (6, or 4 on a halved axis) and
+/// `MR x MC` outputs.
+#[inline(always)]
+fn edge_output<S: Simd, const R: usize, const C: usize, const MR: usize, const MC: usize>(
+    simd: S,
+    t: EdgeTile<'_>,
+) {
+    let zero = simd.splat_f32s(0.0);
+    let mut c = 0;
+    while c < t.n {
+        let k = S::F32_LANES.min(t.n - c);
+        let b = load(simd, &t.bias[t.c0 + c..][..k]);
+        // s = A^T M down the columns, then A^T along each row.
+        let mut s = [[zero; C]; MR];
+        for col in 0..C {
+            let mut r = [zero; R];
+            for (a, v) in r.iter_mut().enumerate() {
+                let at = axis_pos::<R>(a) * 6 + axis_pos::<C>(col);
+                *v = load(simd, &t.m[(at * t.block + t.p) * t.cols + c..][..k]);
+            }
+            let r: [S::f32s; MR] = at(simd, r);
+            for (si, v) in s.iter_mut().zip(r) {
+                si[col] = v;
+            }
+        }
+        for (i, row) in s.into_iter().enumerate() {
+            let r: [S::f32s; MC] = at(simd, row);
+            for (j, val) in r.into_iter().enumerate() {
+                let (y, xx) = (t.y0 + i, t.x0 + j);
+                if y >= t.h || xx >= t.w {
+                    continue;
+                }
+                let mut val = simd.add_f32s(val, b);
+                if t.relu {
+                    val = simd.max_f32s(val, zero);
+                }
+                // SAFETY: as in `output_tiles`.
+                let px = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        t.out.0.add((y * t.w + xx) * t.cout + t.c0 + c),
+                        k,
+                    )
+                };
+                store(simd, px, val);
+            }
+        }
+        c += k;
     }
 }
 
@@ -580,7 +834,12 @@ struct Products<'a> {
     wg: &'a Winograd,
     /// The item's transformed input tiles, `[nt][n * n][cin]`.
     v: &'a [f32],
+    /// The first tile's index in the map, for [`Edges`].
+    t0: usize,
     nt: usize,
+    /// Tiles per row.
+    tw: usize,
+    edges: Edges,
     c0: usize,
     /// `[n * n][block][cols]` (`block` includes the spare row, see [`Winograd::item`]).
     m: &'a mut [f32],
@@ -611,7 +870,10 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
     let Products {
         wg,
         v,
+        t0,
         nt,
+        tw,
+        edges,
         c0,
         m,
         block,
@@ -629,11 +891,29 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
     // 2.2-2.7 -> 2.0-2.4 ms, the deep stages 13.0-14.3 -> 11.9-13.5 ms, in a sitting with
     // other tenants on the memory bus; session 7's prefetch of the next panel had shown no
     // change on the whole network).
-    let passes = nt.div_ceil(P) * cols.div_ceil(width);
     let lines = panel / LINE_FLOATS;
-    let prefetch = panel * pos * 4 >= BIG_KERNELS && passes > 1;
-    let per_ci = lines.div_ceil(passes * cin);
+    // The tiles with a product at the current position (all but halved ones, see `Edges`).
+    let mut list = [0u16; 4 * TILES];
+    assert!(
+        nt <= list.len(),
+        "a block holds at most {} tiles",
+        list.len()
+    );
     for xi in 0..pos {
+        let mut len = 0;
+        for t in 0..nt {
+            if edges.uses(t0 + t, tw, xi / wg.n, xi % wg.n) {
+                list[len] = t as u16;
+                len += 1;
+            }
+        }
+        if len == 0 {
+            continue;
+        }
+        let list = &list[..len];
+        let passes = len.div_ceil(P) * cols.div_ceil(width);
+        let prefetch = panel * pos * 4 >= BIG_KERNELS && passes > 1;
+        let per_ci = lines.div_ceil(passes * cin);
         let u = &wg.u[((c0 / cols) * pos + xi) * panel..][..panel];
         let next = if prefetch && xi + 1 < pos {
             Some(wg.u[((c0 / cols) * pos + xi + 1) * panel..][..panel].as_ptr())
@@ -642,14 +922,15 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
         };
         let mut line = 0;
         let mut p0 = 0;
-        while p0 < nt {
-            let np = P.min(nt - p0);
+        while p0 < len {
+            let np = P.min(len - p0);
             // A short last group repeats its last tile rather than reading past the block. A
             // plain loop, not `array::from_fn` (see `input_tiles`): with 16 input channels this
             // runs once per 128 multiply-adds.
             let mut rows = [v.as_ptr(); P];
             for (p, r) in rows.iter_mut().enumerate() {
-                *r = v[((p0 + p.min(np - 1)) * pos + xi) * cin..][..cin].as_ptr();
+                let t = list[p0 + p.min(np - 1)] as usize;
+                *r = v[(t * pos + xi) * cin..][..cin].as_ptr();
             }
             let mut c = 0;
             while c < cols {
@@ -678,7 +959,7 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
                     }
                 }
                 for (p, a) in acc.iter().take(np).enumerate() {
-                    let dst = &mut m[(xi * block + p0 + p) * cols + c..][..width];
+                    let dst = &mut m[(xi * block + list[p0 + p] as usize) * cols + c..][..width];
                     let (d, _) = S::as_mut_simd_f32s(dst);
                     d.copy_from_slice(a);
                 }
