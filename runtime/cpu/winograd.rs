@@ -7,8 +7,8 @@
 //! runs the `n * n` products `[tiles x cin] x [cin x cout]` in a register-blocked SIMD kernel and
 //! transforms them straight back to output pixels, with bias and ReLU. With few input channels
 //! each work item transforms its own tiles instead (`forward_fused`): one parallel loop a frame.
-//! Where a map's side leaves the last F(4x4) tiles 2 outputs (14x14), those tiles run F(2x2) on
-//! the same kernels (`Edges`) rather than compute 4 outputs and drop 2.
+//! Where a map's side leaves the last tiles fewer outputs (14x14, 7x7), they skip the products
+//! only the dropped outputs need (`Edges`).
 //! Rounding differs from the direct sum: a few ulps for F(2x2), about 1e-5 of the output's scale
 //! for F(4x4), whose transforms multiply by up to 8 and divide by 24; tests bound it.
 
@@ -42,45 +42,62 @@ const HALF: [usize; 4] = [0, 1, 2, 5];
 /// What the input transform of a halved axis multiplies by to undo that scale.
 const HALF_UNSCALE: [f32; 4] = [4.0, -3.0, -3.0, 1.0];
 
-/// The last row and column of F(4x4) tiles on a map whose side leaves them 2 outputs (14, 30, ...)
-/// run F(2x2) on the same kernels along that axis, at the positions in [`HALF`], instead of
-/// computing 4 outputs and dropping 2. A 14x14 map then does 484 products per channel pair
-/// instead of 576, with no kernels of its own.
+/// The last row and column of tiles, where the map's side leaves them fewer outputs than a tile
+/// has, skip the products those outputs alone need:
+/// - F(4x4) tiles left 2 outputs (sides 14, 30, ...) run F(2x2) on the same kernels along that
+///   axis, at the positions in [`HALF`]: 4 of 6 positions, and a 14x14 map does 484 products
+///   per channel pair instead of 576;
+/// - tiles left fewer outputs otherwise (F(4x4) on sides 4k+1 and 4k+3, F(2x2) on odd sides: 7x7
+///   does 225 instead of 256) skip the last position, the point at infinity, which only the last
+///   output reads (the last column of `A^T`).
+///
+/// No kernels of their own: the skipped products are simply not computed.
 #[derive(Clone, Copy, Debug)]
 struct Edges {
-    /// The tile row whose tiles are halved, or `usize::MAX`.
-    row: usize,
-    /// The tile column whose tiles are halved, or `usize::MAX`.
-    col: usize,
+    /// The last tile row, and the positions along it that its tiles skip (bit i: position i).
+    row: (usize, u8),
+    /// The same for the last tile column.
+    col: (usize, u8),
 }
 
+/// [`Edges`]' positions skipped along a halved F(4x4) axis.
+const HALVED: u8 = 0b11000;
+
 impl Edges {
-    /// The halved tile row and column of an `h x w` map with input tiles of side `n`.
+    /// The last tile row and column of an `h x w` map with input tiles of side `n`.
     fn new(n: usize, h: usize, w: usize) -> Edges {
-        let half = |side: usize| {
-            if n == 6 && side % 4 == 2 {
-                side / 4
-            } else {
-                usize::MAX
-            }
+        let axis = |side: usize| {
+            let m = n - 2;
+            let (last, left) = (side.div_ceil(m) - 1, side % m);
+            let skip = match (n, left) {
+                (_, 0) => 0,
+                (6, 2) => HALVED,
+                _ => 1 << (n - 1),
+            };
+            (last, skip)
         };
         Edges {
-            row: half(h),
-            col: half(w),
+            row: axis(h),
+            col: axis(w),
         }
     }
 
-    /// Whether tile `t` (of `tw` a row) is halved along its rows and along its columns.
+    /// Whether tile `t` (of `tw` a row) is halved along its rows and along its columns (F(4x4)
+    /// run as F(2x2) there, with their own transforms).
     #[inline(always)]
-    fn of(self, t: usize, tw: usize) -> (bool, bool) {
-        (t / tw == self.row, t % tw == self.col)
+    fn halved(self, t: usize, tw: usize) -> (bool, bool) {
+        (
+            t / tw == self.row.0 && self.row.1 == HALVED,
+            t % tw == self.col.0 && self.col.1 == HALVED,
+        )
     }
 
-    /// Whether tile `t` has a product at position `(i, j)`: a halved axis has none at 3 and 4.
+    /// Whether tile `t` has a product at position `(i, j)`.
     #[inline(always)]
     fn uses(self, t: usize, tw: usize, i: usize, j: usize) -> bool {
-        let (r, c) = self.of(t, tw);
-        !(r && (i == 3 || i == 4)) && !(c && (j == 3 || j == 4))
+        let skips =
+            |(last, skip): (usize, u8), tile: usize, k: usize| tile == last && skip >> k & 1 == 1;
+        !skips(self.row, t / tw, i) && !skips(self.col, t % tw, j)
     }
 }
 
@@ -401,7 +418,7 @@ fn input_tiles<S: Simd, const N: usize>(simd: S, job: InputTiles<'_>) {
     let edges = Edges::new(N, x.h, x.w);
     for (k, vt) in v.chunks_exact_mut(N * N * c).enumerate() {
         let (ty, tx) = ((t0 + k) / tw, (t0 + k) % tw);
-        match edges.of(t0 + k, tw) {
+        match edges.halved(t0 + k, tw) {
             (false, false) => {}
             (true, false) => {
                 edge_input::<S, 4, 6>(simd, x, zeros, ty, tx, vt);
@@ -617,7 +634,7 @@ fn output_tiles<S: Simd, const N: usize, const M: usize>(simd: S, job: OutputTil
                 h,
                 w,
             };
-            match edges.of(t0 + p, tw) {
+            match edges.halved(t0 + p, tw) {
                 (false, false) => {}
                 (true, false) => {
                     edge_output::<S, 4, 6, 2, 4>(simd, tile);
@@ -892,7 +909,7 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
     // other tenants on the memory bus; session 7's prefetch of the next panel had shown no
     // change on the whole network).
     let lines = panel / LINE_FLOATS;
-    // The tiles with a product at the current position (all but halved ones, see `Edges`).
+    // The tiles with a product at the current position (see `Edges`).
     let mut list = [0u16; 4 * TILES];
     assert!(
         nt <= list.len(),
