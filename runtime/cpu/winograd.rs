@@ -897,7 +897,6 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
     } = job;
     let (cin, cols) = (wg.cin, wg.cols);
     let width = V * S::F32_LANES;
-    let zero = simd.splat_f32s(0.0);
     let pos = wg.pos();
     let panel = cin * cols;
     // Kernels too big to stay in cache come from memory: the first pass over a position's panel
@@ -941,49 +940,112 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
         let mut p0 = 0;
         while p0 < len {
             let np = P.min(len - p0);
-            // A short last group repeats its last tile rather than reading past the block. A
-            // plain loop, not `array::from_fn` (see `input_tiles`): with 16 input channels this
-            // runs once per 128 multiply-adds.
-            let mut rows = [v.as_ptr(); P];
-            for (p, r) in rows.iter_mut().enumerate() {
-                let t = list[p0 + p.min(np - 1)] as usize;
-                *r = v[(t * pos + xi) * cin..][..cin].as_ptr();
-            }
-            let mut c = 0;
-            while c < cols {
-                let mut acc = [[zero; V]; P];
-                let uc = u[c..][..(cin - 1) * cols + width].as_ptr();
-                for ci in 0..cin {
-                    if let Some(next) = next {
-                        for _ in 0..per_ci {
-                            if line < lines {
-                                // SAFETY: `line * LINE_FLOATS < panel`, inside the next panel; a
-                                // prefetch never faults anyway.
-                                prefetch_l2(unsafe { next.add(line * LINE_FLOATS) });
-                                line += 1;
-                            }
-                        }
-                    }
-                    // SAFETY: `ci * cols + width` is within `uc`'s slice, checked above.
-                    let w = unsafe { std::slice::from_raw_parts(uc.add(ci * cols), width) };
-                    let (w, _) = S::as_simd_f32s(w);
-                    for p in 0..P {
-                        // SAFETY: each row holds `cin` values and `ci < cin`.
-                        let xv = simd.splat_f32s(unsafe { *rows[p].add(ci) });
-                        for k in 0..V {
-                            acc[p][k] = simd.mul_add_f32s(xv, w[k], acc[p][k]);
-                        }
-                    }
-                }
-                for (p, a) in acc.iter().take(np).enumerate() {
-                    let dst = &mut m[(xi * block + list[p0 + p] as usize) * cols + c..][..width];
-                    let (d, _) = S::as_mut_simd_f32s(dst);
-                    d.copy_from_slice(a);
-                }
-                c += width;
+            let g = Group {
+                tiles: &list[p0..p0 + np],
+                u,
+                v,
+                pos,
+                xi,
+                cin,
+                cols,
+                m: &mut *m,
+                block,
+                next,
+                per_ci,
+                lines,
+            };
+            // A short last group runs a kernel of its own size (1-3 tiles) rather than
+            // multiply repeats of its last tile: 28x28 maps make blocks of 49 tiles.
+            match np {
+                1 => group::<S, 1, V>(simd, g, &mut line),
+                2 => group::<S, 2, V>(simd, g, &mut line),
+                3 => group::<S, 3, V>(simd, g, &mut line),
+                _ => group::<S, P, V>(simd, g, &mut line),
             }
             p0 += np;
         }
+    }
+}
+
+/// One group of tiles at one position for [`products`]: their products with the position's
+/// kernel panel, all of the item's output channels.
+struct Group<'a> {
+    /// The tiles, at most the kernel's `G`; a shorter group repeats its last tile.
+    tiles: &'a [u16],
+    /// The position's kernel panel, `[cin][cols]`.
+    u: &'a [f32],
+    v: &'a [f32],
+    pos: usize,
+    xi: usize,
+    cin: usize,
+    cols: usize,
+    m: &'a mut [f32],
+    block: usize,
+    /// The next position's panel, to prefetch `per_ci` lines of per input channel, up to
+    /// `lines` in all (see [`products`]).
+    next: Option<*const f32>,
+    per_ci: usize,
+    lines: usize,
+}
+
+#[inline(always)]
+fn group<S: Simd, const G: usize, const V: usize>(simd: S, g: Group<'_>, line: &mut usize) {
+    let Group {
+        tiles,
+        u,
+        v,
+        pos,
+        xi,
+        cin,
+        cols,
+        m,
+        block,
+        next,
+        per_ci,
+        lines,
+    } = g;
+    let np = tiles.len();
+    let width = V * S::F32_LANES;
+    let zero = simd.splat_f32s(0.0);
+    // A plain loop, not `array::from_fn` (see `input_tiles`): with 16 input channels this runs
+    // once per 128 multiply-adds.
+    let mut rows = [v.as_ptr(); G];
+    for (p, r) in rows.iter_mut().enumerate() {
+        let t = tiles[p.min(np - 1)] as usize;
+        *r = v[(t * pos + xi) * cin..][..cin].as_ptr();
+    }
+    let mut c = 0;
+    while c < cols {
+        let mut acc = [[zero; V]; G];
+        let uc = u[c..][..(cin - 1) * cols + width].as_ptr();
+        for ci in 0..cin {
+            if let Some(next) = next {
+                for _ in 0..per_ci {
+                    if *line < lines {
+                        // SAFETY: `line * LINE_FLOATS < panel`, inside the next panel; a
+                        // prefetch never faults anyway.
+                        prefetch_l2(unsafe { next.add(*line * LINE_FLOATS) });
+                        *line += 1;
+                    }
+                }
+            }
+            // SAFETY: `ci * cols + width` is within `uc`'s slice, checked above.
+            let w = unsafe { std::slice::from_raw_parts(uc.add(ci * cols), width) };
+            let (w, _) = S::as_simd_f32s(w);
+            for p in 0..G {
+                // SAFETY: each row holds `cin` values and `ci < cin`.
+                let xv = simd.splat_f32s(unsafe { *rows[p].add(ci) });
+                for k in 0..V {
+                    acc[p][k] = simd.mul_add_f32s(xv, w[k], acc[p][k]);
+                }
+            }
+        }
+        for (a, &t) in acc.iter().zip(tiles) {
+            let dst = &mut m[(xi * block + t as usize) * cols + c..][..width];
+            let (d, _) = S::as_mut_simd_f32s(dst);
+            d.copy_from_slice(a);
+        }
+        c += width;
     }
 }
 
