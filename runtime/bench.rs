@@ -85,6 +85,11 @@ pub struct LayerReport {
     pub kernel: &'static str,
     /// Median over the passes.
     pub p50_ms: f64,
+    /// Megabytes of weights the conv reads a pass, as its kernel lays them out.
+    pub weight_mb: f64,
+    /// Those weights' megabytes over the median time, in GB/s: near the machine's memory
+    /// bandwidth, the conv waits on memory rather than arithmetic.
+    pub weight_gb_s: f64,
 }
 
 impl Bench {
@@ -180,11 +185,22 @@ impl Bench {
             runs[0]
                 .iter()
                 .enumerate()
-                .map(|(i, l)| LayerReport {
-                    layer: l.name.clone(),
-                    shape: l.shape.clone(),
-                    kernel: l.kernel,
-                    p50_ms: summarize(&runs.iter().map(|r| r[i].time).collect::<Vec<_>>()).p50_ms,
+                .map(|(i, l)| {
+                    let p50_ms =
+                        summarize(&runs.iter().map(|r| r[i].time).collect::<Vec<_>>()).p50_ms;
+                    let weight_mb = l.weight_bytes as f64 / 1e6;
+                    LayerReport {
+                        layer: l.name.clone(),
+                        shape: l.shape.clone(),
+                        kernel: l.kernel,
+                        p50_ms,
+                        weight_mb,
+                        weight_gb_s: if p50_ms > 0.0 {
+                            weight_mb / p50_ms
+                        } else {
+                            0.0
+                        },
+                    }
                 })
                 .collect(),
         ))

@@ -148,6 +148,20 @@ fn layers_lists_every_conv_in_network_order() {
     assert_eq!(unique.len(), names.len(), "{names:?}");
     for l in layers {
         assert!(l["p50_ms"].as_f64().unwrap() > 0.0, "{l}");
+        // Weights as laid out for the kernel: at least the 9 taps per channel pair and the bias,
+        // at most Winograd F(4x4)'s 36 positions with output channels padded to a group of 64.
+        let shape = l["shape"].as_str().unwrap();
+        let chans = shape.split(' ').nth(1).unwrap();
+        let (cin, cout) = chans.split_once("->").unwrap();
+        let (cin, cout): (f64, f64) = (cin.parse().unwrap(), cout.parse().unwrap());
+        let mb = l["weight_mb"].as_f64().unwrap();
+        assert!(mb >= 4.0 * (9.0 * cin * cout + cout) / 1e6, "{l}");
+        assert!(mb <= 4.0 * (36.0 * cin * (cout + 63.0) + cout) / 1e6, "{l}");
+        let gb_s = l["weight_gb_s"].as_f64().unwrap();
+        assert!(
+            (gb_s - mb / l["p50_ms"].as_f64().unwrap()).abs() <= 1e-9 * gb_s.max(1.0),
+            "{l}"
+        );
         let k = l["kernel"].as_str().unwrap();
         assert!(
             [

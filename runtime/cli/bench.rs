@@ -70,16 +70,21 @@ pub struct Args {
 fn layer_table(r: &BenchReport, name: &str) {
     let Some(layers) = &r.layers else { return };
     println!(
-        "{name} per conv (medians; the I_H branch runs beside the backbone, so their times overlap):"
+        "{name} per conv (medians; the I_H branch runs beside the backbone, so their times overlap;"
+    );
+    println!(
+        "  weights: MB a pass, and GB/s at the median: near memory bandwidth, it waits on memory):"
     );
     for l in layers {
         println!(
-            "  {:<16} {:<20} {:<16} {:>8.3} ms {:>5.1}%",
+            "  {:<16} {:<20} {:<16} {:>8.3} ms {:>5.1}%  {:>6.1} MB {:>5.1} GB/s",
             l.layer,
             l.shape,
             l.kernel,
             l.p50_ms,
-            100.0 * l.p50_ms / r.p50_ms
+            100.0 * l.p50_ms / r.p50_ms,
+            l.weight_mb,
+            l.weight_gb_s
         );
     }
 }

@@ -376,6 +376,12 @@ impl Conv3 {
         }
     }
 
+    /// Bytes of weights (kernels and bias, as laid out for its kernel) one pass reads.
+    fn weight_bytes(&self) -> usize {
+        let wg = self.winograd.as_ref().map_or(0, |wg| wg.len());
+        4 * (self.w.len() + self.wd.len() + wg + self.b.len())
+    }
+
     /// Which kernel runs this conv.
     fn kernel(&self) -> &'static str {
         match (&self.winograd, self.wd.is_empty()) {
@@ -1027,6 +1033,8 @@ pub struct LayerTime {
     pub shape: String,
     /// The kernel that ran it: `direct`, `im2col + gemm`, `winograd F(2x2)` or `F(4x4)`.
     pub kernel: &'static str,
+    /// Bytes of weights the conv reads, as laid out for its kernel (Winograd's in their domain).
+    pub weight_bytes: usize,
     /// Wall time.
     pub time: Duration,
 }
@@ -1051,6 +1059,7 @@ fn conv_step(
             name: name(),
             shape: format!("{h}x{w} {}->{}{stride}", conv.cin, conv.cout),
             kernel: conv.kernel(),
+            weight_bytes: conv.weight_bytes(),
             time: t.elapsed(),
         };
         rec.lock().unwrap_or_else(PoisonError::into_inner).push(t);

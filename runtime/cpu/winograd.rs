@@ -177,6 +177,11 @@ impl Winograd {
         }
     }
 
+    /// Floats in the transformed kernels.
+    pub(super) fn len(&self) -> usize {
+        self.u.len()
+    }
+
     /// Which transform, for profiles and tests' messages.
     pub(super) fn name(&self) -> &'static str {
         if self.n == 4 {
