@@ -438,22 +438,7 @@ fn input_tiles<S: Simd, const N: usize>(simd: S, job: InputTiles<'_>) {
                 continue;
             }
         }
-        // Where each tap's channels start: in the map, or in `zeros` outside it. Plain loops,
-        // not closures (see below): this runs once per tile, and with 16 channels a tile's
-        // transform is only a few dozen vector operations.
-        let mut src = [[zeros.as_ptr(); N]; N];
-        for (i, row) in src.iter_mut().enumerate() {
-            let y = ((N - 2) * ty + i).wrapping_sub(1);
-            if y >= x.h {
-                continue;
-            }
-            for (j, s) in row.iter_mut().enumerate() {
-                let xx = ((N - 2) * tx + j).wrapping_sub(1);
-                if xx < x.w {
-                    *s = x.data[(y * x.w + xx) * c..][..c].as_ptr();
-                }
-            }
-        }
+        let src = taps::<N, N>(x, zeros, (N - 2) * ty, (N - 2) * tx);
         let mut ch = 0;
         while ch < c {
             let n = S::F32_LANES.min(c - ch);
@@ -488,6 +473,33 @@ fn input_tiles<S: Simd, const N: usize>(simd: S, job: InputTiles<'_>) {
             ch += n;
         }
     }
+}
+
+/// Where each of a tile's `R x C` input taps has its channels: in the map, or in `zeros` outside
+/// it, for the tile whose first output pixel is `(y0, x0)` (pad 1). Plain loops, not closures
+/// (see `input_tiles`): this runs once per tile, and with 16 channels a tile's transform is only
+/// a few dozen vector operations.
+#[inline(always)]
+fn taps<const R: usize, const C: usize>(
+    x: &Map,
+    zeros: &[f32],
+    y0: usize,
+    x0: usize,
+) -> [[*const f32; C]; R] {
+    let mut src = [[zeros.as_ptr(); C]; R];
+    for (i, row) in src.iter_mut().enumerate() {
+        let y = (y0 + i).wrapping_sub(1);
+        if y >= x.h {
+            continue;
+        }
+        for (j, s) in row.iter_mut().enumerate() {
+            let xx = (x0 + j).wrapping_sub(1);
+            if xx < x.w {
+                *s = x.data[(y * x.w + xx) * x.c..][..x.c].as_ptr();
+            }
+        }
+    }
+    src
 }
 
 /// The position on a 6-point axis of point `i` of an axis with `K` points (6, or F(2x2)'s 4).
@@ -525,19 +537,7 @@ fn edge_input<S: Simd, const R: usize, const C: usize>(
 ) {
     let c = x.c;
     let zero = simd.splat_f32s(0.0);
-    let mut src = [[zeros.as_ptr(); C]; R];
-    for (i, row) in src.iter_mut().enumerate() {
-        let y = (4 * ty + i).wrapping_sub(1);
-        if y >= x.h {
-            continue;
-        }
-        for (j, s) in row.iter_mut().enumerate() {
-            let xx = (4 * tx + j).wrapping_sub(1);
-            if xx < x.w {
-                *s = x.data[(y * x.w + xx) * c..][..c].as_ptr();
-            }
-        }
-    }
+    let src = taps::<R, C>(x, zeros, 4 * ty, 4 * tx);
     let mut ch = 0;
     while ch < c {
         let n = S::F32_LANES.min(c - ch);
@@ -682,27 +682,41 @@ fn output_tiles<S: Simd, const N: usize, const M: usize>(simd: S, job: OutputTil
                 let r: [S::f32s; M] = at(simd, row);
                 for (j, val) in r.into_iter().enumerate() {
                     let (y, xx) = (M * ty + i, M * tx + j);
-                    if y >= h || xx >= w {
-                        continue;
+                    if y < h && xx < w {
+                        let at = (y * w + xx) * wg.cout + c0 + c;
+                        // SAFETY: the pixel is inside the map and channels c0 + c.. c0 + c + k
+                        // inside cout; no other item writes them (see the struct).
+                        unsafe { write_pixel(simd, out, at, k, val, b, relu) };
                     }
-                    let mut val = simd.add_f32s(val, b);
-                    if relu {
-                        val = simd.max_f32s(val, zero);
-                    }
-                    // SAFETY: the pixel is inside the map and channels c0 + c.. c0 + c + k
-                    // inside cout; no other item writes them (see the struct).
-                    let px = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            out.0.add((y * w + xx) * wg.cout + c0 + c),
-                            k,
-                        )
-                    };
-                    store(simd, px, val);
                 }
             }
             c += k;
         }
     }
+}
+
+/// Adds `bias` to one output pixel's `k` channels, applies ReLU if `relu`, and stores them at
+/// `out + at`.
+///
+/// # Safety
+/// `out + at .. out + at + k` must lie inside the output, and no other thread may write it.
+#[inline(always)]
+unsafe fn write_pixel<S: Simd>(
+    simd: S,
+    out: &SendPtr,
+    at: usize,
+    k: usize,
+    val: S::f32s,
+    bias: S::f32s,
+    relu: bool,
+) {
+    let mut val = simd.add_f32s(val, bias);
+    if relu {
+        val = simd.max_f32s(val, simd.splat_f32s(0.0));
+    }
+    // SAFETY: the caller's contract.
+    let px = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), k) };
+    store(simd, px, val);
 }
 
 /// One F(4x4) tile with halved axes for [`edge_output`].
@@ -755,21 +769,11 @@ fn edge_output<S: Simd, const R: usize, const C: usize, const MR: usize, const M
             let r: [S::f32s; MC] = at(simd, row);
             for (j, val) in r.into_iter().enumerate() {
                 let (y, xx) = (t.y0 + i, t.x0 + j);
-                if y >= t.h || xx >= t.w {
-                    continue;
+                if y < t.h && xx < t.w {
+                    let at = (y * t.w + xx) * t.cout + t.c0 + c;
+                    // SAFETY: as in `output_tiles`.
+                    unsafe { write_pixel(simd, t.out, at, k, val, b, t.relu) };
                 }
-                let mut val = simd.add_f32s(val, b);
-                if t.relu {
-                    val = simd.max_f32s(val, zero);
-                }
-                // SAFETY: as in `output_tiles`.
-                let px = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        t.out.0.add((y * t.w + xx) * t.cout + t.c0 + c),
-                        k,
-                    )
-                };
-                store(simd, px, val);
             }
         }
         c += k;
