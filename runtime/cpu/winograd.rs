@@ -423,20 +423,14 @@ fn input_tiles<S: Simd, const N: usize>(simd: S, job: InputTiles<'_>) {
     let edges = Edges::new(N, x.h, x.w);
     for (k, vt) in v.chunks_exact_mut(N * N * c).enumerate() {
         let (ty, tx) = ((t0 + k) / tw, (t0 + k) % tw);
-        match edges.halved(t0 + k, tw) {
-            (false, false) => {}
-            (true, false) => {
-                edge_input::<S, 4, 6>(simd, x, zeros, ty, tx, vt);
-                continue;
+        let halved = edges.halved(t0 + k, tw);
+        if halved != (false, false) {
+            match halved {
+                (true, false) => edge_input::<S, 4, 6>(simd, x, zeros, ty, tx, vt),
+                (false, true) => edge_input::<S, 6, 4>(simd, x, zeros, ty, tx, vt),
+                _ => edge_input::<S, 4, 4>(simd, x, zeros, ty, tx, vt),
             }
-            (false, true) => {
-                edge_input::<S, 6, 4>(simd, x, zeros, ty, tx, vt);
-                continue;
-            }
-            (true, true) => {
-                edge_input::<S, 4, 4>(simd, x, zeros, ty, tx, vt);
-                continue;
-            }
+            continue;
         }
         let src = taps::<N, N>(x, zeros, (N - 2) * ty, (N - 2) * tx);
         let mut ch = 0;
@@ -622,7 +616,8 @@ fn output_tiles<S: Simd, const N: usize, const M: usize>(simd: S, job: OutputTil
     let zero = simd.splat_f32s(0.0);
     for p in 0..nt {
         let (ty, tx) = ((t0 + p) / tw, (t0 + p) % tw);
-        if N == 6 {
+        let halved = edges.halved(t0 + p, tw);
+        if halved != (false, false) {
             let tile = EdgeTile {
                 m,
                 block,
@@ -639,21 +634,12 @@ fn output_tiles<S: Simd, const N: usize, const M: usize>(simd: S, job: OutputTil
                 h,
                 w,
             };
-            match edges.halved(t0 + p, tw) {
-                (false, false) => {}
-                (true, false) => {
-                    edge_output::<S, 4, 6, 2, 4>(simd, tile);
-                    continue;
-                }
-                (false, true) => {
-                    edge_output::<S, 6, 4, 4, 2>(simd, tile);
-                    continue;
-                }
-                (true, true) => {
-                    edge_output::<S, 4, 4, 2, 2>(simd, tile);
-                    continue;
-                }
+            match halved {
+                (true, false) => edge_output::<S, 4, 6, 2, 4>(simd, tile),
+                (false, true) => edge_output::<S, 6, 4, 4, 2>(simd, tile),
+                _ => edge_output::<S, 4, 4, 2, 2>(simd, tile),
             }
+            continue;
         }
         let mut c = 0;
         while c < n {
