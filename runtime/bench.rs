@@ -90,6 +90,12 @@ pub struct LayerReport {
     /// Those weights' megabytes over the median time, in GB/s: near the machine's memory
     /// bandwidth, the conv waits on memory rather than arithmetic.
     pub weight_gb_s: f64,
+    /// Millions of multiply-adds its kernel does a pass: Winograd's products (fewer than direct
+    /// convolution's, more where tiles overhang the map), or direct convolution's.
+    pub mults_m: f64,
+    /// Those over the median, in G multiply-adds per second: set against the machine's FMA peak,
+    /// how well the kernel runs whatever the transform saved.
+    pub mults_g_s: f64,
 }
 
 impl Bench {
@@ -189,17 +195,17 @@ impl Bench {
                     let p50_ms =
                         summarize(&runs.iter().map(|r| r[i].time).collect::<Vec<_>>()).p50_ms;
                     let weight_mb = l.weight_bytes as f64 / 1e6;
+                    let mults_m = l.multiplies as f64 / 1e6;
+                    let per_ms = |x: f64| if p50_ms > 0.0 { x / p50_ms } else { 0.0 };
                     LayerReport {
                         layer: l.name.clone(),
                         shape: l.shape.clone(),
                         kernel: l.kernel,
                         p50_ms,
                         weight_mb,
-                        weight_gb_s: if p50_ms > 0.0 {
-                            weight_mb / p50_ms
-                        } else {
-                            0.0
-                        },
+                        weight_gb_s: per_ms(weight_mb),
+                        mults_m,
+                        mults_g_s: per_ms(mults_m),
                     }
                 })
                 .collect(),

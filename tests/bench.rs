@@ -162,7 +162,28 @@ fn layers_lists_every_conv_in_network_order() {
             (gb_s - mb / l["p50_ms"].as_f64().unwrap()).abs() <= 1e-9 * gb_s.max(1.0),
             "{l}"
         );
+        // Multiply-adds: direct convolution's 9 per channel pair and output pixel, or Winograd's
+        // products, between a quarter of that (F(4x4)'s saving) and all of it.
+        let (h, w) = shape.split(' ').next().unwrap().split_once('x').unwrap();
+        let (h, w): (f64, f64) = (h.parse().unwrap(), w.parse().unwrap());
+        let (oh, ow) = if shape.ends_with("/2") {
+            ((h / 2.0).ceil(), (w / 2.0).ceil())
+        } else {
+            (h, w)
+        };
+        let direct = oh * ow * 9.0 * cin * cout / 1e6;
+        let mults = l["mults_m"].as_f64().unwrap();
         let k = l["kernel"].as_str().unwrap();
+        if k.starts_with("winograd") {
+            assert!(mults >= direct / 4.0 && mults < direct, "{l}");
+        } else {
+            assert!((mults - direct).abs() <= 1e-9 * direct, "{l}");
+        }
+        let g_s = l["mults_g_s"].as_f64().unwrap();
+        assert!(
+            (g_s - mults / l["p50_ms"].as_f64().unwrap()).abs() <= 1e-9 * g_s.max(1.0),
+            "{l}"
+        );
         assert!(
             [
                 "direct",

@@ -73,20 +73,27 @@ fn layer_table(r: &BenchReport, name: &str) {
         "{name} per conv (medians; the I_H branch runs beside the backbone, so their times overlap;"
     );
     println!(
-        "  weights: MB a pass, and GB/s at the median: near memory bandwidth, it waits on memory):"
+        "  weights: MB a pass, and GB/s at the median: near memory bandwidth, it waits on memory;"
+    );
+    println!(
+        "  multiply-adds its kernel does, M a pass, and G/s at the median: near the FMA peak, it waits on arithmetic):"
     );
     for l in layers {
         println!(
-            "  {:<16} {:<20} {:<16} {:>8.3} ms {:>5.1}%  {:>6.1} MB {:>5.1} GB/s",
+            "  {:<16} {:<20} {:<16} {:>8.3} ms {:>5.1}%  {:>6.1} MB {:>5.1} GB/s  {:>7.1} M {:>6.1} G/s",
             l.layer,
             l.shape,
             l.kernel,
             l.p50_ms,
             100.0 * l.p50_ms / r.p50_ms,
             l.weight_mb,
-            l.weight_gb_s
+            l.weight_gb_s,
+            l.mults_m,
+            l.mults_g_s
         );
     }
+    let mults: f64 = layers.iter().map(|l| l.mults_m).sum();
+    println!("  all convs: {mults:.0} M multiply-adds a pass");
 }
 
 fn table(r: &BenchReport, name: &str) {

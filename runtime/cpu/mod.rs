@@ -382,6 +382,15 @@ impl Conv3 {
         4 * (self.w.len() + self.wd.len() + wg + self.b.len())
     }
 
+    /// Multiply-adds one pass on an `h x w` input does: Winograd's products, or direct
+    /// convolution's `9 * cin * cout` per output pixel.
+    fn multiplies(&self, h: usize, w: usize) -> usize {
+        match &self.winograd {
+            Some(wg) => wg.multiplies(h, w),
+            None => out_side(h, self.stride) * out_side(w, self.stride) * 9 * self.cin * self.cout,
+        }
+    }
+
     /// Which kernel runs this conv.
     fn kernel(&self) -> &'static str {
         match (&self.winograd, self.wd.is_empty()) {
@@ -1035,6 +1044,8 @@ pub struct LayerTime {
     pub kernel: &'static str,
     /// Bytes of weights the conv reads, as laid out for its kernel (Winograd's in their domain).
     pub weight_bytes: usize,
+    /// Multiply-adds its kernel does (see [`Conv3::multiplies`]).
+    pub multiplies: usize,
     /// Wall time.
     pub time: Duration,
 }
@@ -1060,6 +1071,7 @@ fn conv_step(
             shape: format!("{h}x{w} {}->{}{stride}", conv.cin, conv.cout),
             kernel: conv.kernel(),
             weight_bytes: conv.weight_bytes(),
+            multiplies: conv.multiplies(h, w),
             time: t.elapsed(),
         };
         rec.lock().unwrap_or_else(PoisonError::into_inner).push(t);

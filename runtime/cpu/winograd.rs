@@ -92,6 +92,14 @@ impl Edges {
         )
     }
 
+    /// Tile-position pairs with a product on an `h x w` map of `n`-sided tiles: along each axis,
+    /// every tile's `n` positions less those the last tile skips.
+    fn products(n: usize, h: usize, w: usize) -> usize {
+        let e = Edges::new(n, h, w);
+        let axis = |(last, skip): (usize, u8)| (last + 1) * n - skip.count_ones() as usize;
+        axis(e.row) * axis(e.col)
+    }
+
     /// Whether tile `t` has a product at position `(i, j)`.
     #[inline(always)]
     fn uses(self, t: usize, tw: usize, i: usize, j: usize) -> bool {
@@ -180,6 +188,12 @@ impl Winograd {
     /// Floats in the transformed kernels.
     pub(super) fn len(&self) -> usize {
         self.u.len()
+    }
+
+    /// Multiply-adds its products do on an `h x w` map (padding channels excluded): the work
+    /// the transform leaves, to set against direct convolution's `h * w * 9 * cin * cout`.
+    pub(super) fn multiplies(&self, h: usize, w: usize) -> usize {
+        Edges::products(self.n, h, w) * self.cin * self.cout
     }
 
     /// Which transform, for profiles and tests' messages.
@@ -1058,4 +1072,31 @@ fn prefetch_l2(p: *const f32) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Edges;
+
+    #[test]
+    fn products_count_the_positions_each_tile_uses() {
+        for n in [4, 6] {
+            for h in 1..=19usize {
+                for w in [1usize, 2, 3, 4, 5, 6, 7, 14, 17] {
+                    let (th, tw) = (h.div_ceil(n - 2), w.div_ceil(n - 2));
+                    let e = Edges::new(n, h, w);
+                    let used = (0..th * tw)
+                        .flat_map(|t| (0..n * n).map(move |p| (t, p)))
+                        .filter(|&(t, p)| e.uses(t, tw, p / n, p % n))
+                        .count();
+                    assert_eq!(Edges::products(n, h, w), used, "n {n}, {h}x{w}");
+                }
+            }
+        }
+        // Per channel pair: 14x14 in F(4x4) with halved edge tiles, 7x7 in F(2x2) without the
+        // point at infinity on its last tiles, 28x28 in whole tiles.
+        assert_eq!(Edges::products(6, 14, 14), 484);
+        assert_eq!(Edges::products(4, 7, 7), 225);
+        assert_eq!(Edges::products(6, 28, 28), 49 * 36);
+    }
 }
