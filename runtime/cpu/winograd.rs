@@ -100,12 +100,24 @@ impl Edges {
         axis(e.row) * axis(e.col)
     }
 
-    /// Whether tile `t` has a product at position `(i, j)`.
+    /// Where tile `t` lies: bit 0 set in the last tile row, bit 1 in the last column.
     #[inline(always)]
+    fn class(self, t: usize, tw: usize) -> u8 {
+        u8::from(t / tw == self.row.0) | u8::from(t % tw == self.col.0) << 1
+    }
+
+    /// The classes (see [`Edges::class`]) whose tiles skip position `(i, j)`, as bits to test
+    /// a class against: per position, not per tile, so the products' tile lists cost no
+    /// division (a `div` per tile and position was a fifth of 224x224 16->16's products).
+    #[inline(always)]
+    fn skipping(self, i: usize, j: usize) -> u8 {
+        (self.row.1 >> i & 1) | (self.col.1 >> j & 1) << 1
+    }
+
+    /// Whether tile `t` has a product at position `(i, j)`.
+    #[cfg(test)]
     fn uses(self, t: usize, tw: usize, i: usize, j: usize) -> bool {
-        let skips =
-            |(last, skip): (usize, u8), tile: usize, k: usize| tile == last && skip >> k & 1 == 1;
-        !skips(self.row, t / tw, i) && !skips(self.col, t % tw, j)
+        self.class(t, tw) & self.skipping(i, j) == 0
     }
 }
 
@@ -459,15 +471,15 @@ fn input_tiles<S: Simd, const N: usize>(simd: S, job: InputTiles<'_>) {
                 let mut col = [zero; N];
                 for (i, v) in col.iter_mut().enumerate() {
                     // SAFETY: every `src` points at `c` readable values and `ch + n <= c`.
-                    *v = load(simd, unsafe {
-                        std::slice::from_raw_parts(src[i][j].add(ch), n)
-                    });
+                    *v = unsafe { load_at(simd, src[i][j].add(ch), n) };
                 }
                 // ej: column j of B^T d.
                 for (d, v) in ej.iter_mut().zip(bt(simd, col)) {
                     d.write(v);
                 }
             }
+            // `i` picks a row of `e`'s columns and of `vt`'s positions alike.
+            #[allow(clippy::needless_range_loop)]
             for i in 0..N {
                 let mut row = [zero; N];
                 for (j, r) in row.iter_mut().enumerate() {
@@ -475,7 +487,8 @@ fn input_tiles<S: Simd, const N: usize>(simd: S, job: InputTiles<'_>) {
                     *r = unsafe { e[j][i].assume_init() };
                 }
                 for (j, val) in bt(simd, row).into_iter().enumerate() {
-                    store(simd, &mut vt[(i * N + j) * c + ch..][..n], val);
+                    // SAFETY: `vt` holds `N * N * c` values (its chunk size) and `ch + n <= c`.
+                    unsafe { store_at(simd, vt.as_mut_ptr().add((i * N + j) * c + ch), n, val) };
                 }
             }
             ch += n;
@@ -495,15 +508,19 @@ fn taps<const R: usize, const C: usize>(
     x0: usize,
 ) -> [[*const f32; C]; R] {
     let mut src = [[zeros.as_ptr(); C]; R];
+    assert!(x.data.len() >= x.h * x.w * x.c);
     for (i, row) in src.iter_mut().enumerate() {
         let y = (y0 + i).wrapping_sub(1);
         if y >= x.h {
             continue;
         }
+        // SAFETY: `y < h`, so the row starts inside the map (asserted above).
+        let line = unsafe { x.data.as_ptr().add(y * x.w * x.c) };
         for (j, s) in row.iter_mut().enumerate() {
             let xx = (x0 + j).wrapping_sub(1);
             if xx < x.w {
-                *s = x.data[(y * x.w + xx) * x.c..][..x.c].as_ptr();
+                // SAFETY: `xx < w`: the pixel's `c` values lie inside the row.
+                *s = unsafe { line.add(xx * x.c) };
             }
         }
     }
@@ -627,6 +644,7 @@ fn output_tiles<S: Simd, const N: usize, const M: usize>(simd: S, job: OutputTil
         edges,
     } = job;
     let (cols, n) = (wg.cols, wg.cols.min(wg.cout - c0));
+    assert!(nt < block && m.len() >= N * N * block * cols);
     let zero = simd.splat_f32s(0.0);
     for p in 0..nt {
         let (ty, tx) = ((t0 + p) / tw, (t0 + p) % tw);
@@ -663,10 +681,20 @@ fn output_tiles<S: Simd, const N: usize, const M: usize>(simd: S, job: OutputTil
             // s = A^T M, M x N, a column at a time (uninitialised until then, as `e` in
             // `input_tiles`).
             let mut s = [[MaybeUninit::<S::f32s>::uninit(); N]; M];
+            // `col` picks a column of `m`'s positions and of `s` alike.
+            #[allow(clippy::needless_range_loop)]
             for col in 0..N {
                 let mut r = [zero; N];
                 for (a, v) in r.iter_mut().enumerate() {
-                    *v = load(simd, &m[((a * N + col) * block + p) * cols + c..][..k]);
+                    // SAFETY: `m` holds `N * N * block * cols` values (checked above), `p <
+                    // block` and `c + k <= cols`.
+                    *v = unsafe {
+                        load_at(
+                            simd,
+                            m.as_ptr().add(((a * N + col) * block + p) * cols + c),
+                            k,
+                        )
+                    };
                 }
                 let r: [S::f32s; M] = at(simd, r);
                 for (i, v) in r.into_iter().enumerate() {
@@ -788,6 +816,34 @@ pub(super) fn load<S: Simd>(simd: S, s: &[f32]) -> S::f32s {
         S::as_simd_f32s(s).0[0]
     } else {
         simd.partial_load_f32s(s)
+    }
+}
+
+/// [`load`] of `n` floats at `p`, without a slice's bounds checks (a 16-channel tile's input
+/// transform does 36 loads and 36 stores for 576 products).
+///
+/// # Safety
+/// `p` must point at `n` readable floats, `n <= S::F32_LANES`.
+#[inline(always)]
+unsafe fn load_at<S: Simd>(simd: S, p: *const f32, n: usize) -> S::f32s {
+    if n == S::F32_LANES {
+        p.cast::<S::f32s>().read_unaligned()
+    } else {
+        simd.partial_load_f32s(std::slice::from_raw_parts(p, n))
+    }
+}
+
+/// [`store`] of `n` floats at `p`, without a slice's bounds checks.
+///
+/// # Safety
+/// `p` must point at `n` writable floats that nothing else reads or writes meanwhile,
+/// `n <= S::F32_LANES`.
+#[inline(always)]
+unsafe fn store_at<S: Simd>(simd: S, p: *mut f32, n: usize, v: S::f32s) {
+    if n == S::F32_LANES {
+        p.cast::<S::f32s>().write_unaligned(v)
+    } else {
+        simd.partial_store_f32s(std::slice::from_raw_parts_mut(p, n), v)
     }
 }
 
@@ -924,10 +980,15 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
         "a block holds at most {} tiles",
         list.len()
     );
+    let mut class = [0u8; 4 * TILES];
+    for (t, c) in class[..nt].iter_mut().enumerate() {
+        *c = edges.class(t0 + t, tw);
+    }
     for xi in 0..pos {
+        let skipping = edges.skipping(xi / wg.n, xi % wg.n);
         let mut len = 0;
-        for t in 0..nt {
-            if edges.uses(t0 + t, tw, xi / wg.n, xi % wg.n) {
+        for (t, &c) in class[..nt].iter().enumerate() {
+            if c & skipping == 0 {
                 list[len] = t as u16;
                 len += 1;
             }
