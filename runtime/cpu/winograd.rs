@@ -980,6 +980,8 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
         "a block holds at most {} tiles",
         list.len()
     );
+    // What `group` reads and writes without bounds checks.
+    assert!(v.len() >= nt * pos * cin && m.len() >= pos * block * cols && nt < block);
     let mut class = [0u8; 4 * TILES];
     for (t, c) in class[..nt].iter_mut().enumerate() {
         *c = edges.class(t0 + t, tw);
@@ -1082,7 +1084,9 @@ fn group<S: Simd, const G: usize, const V: usize>(simd: S, g: Group<'_>, line: &
     let mut rows = [v.as_ptr(); G];
     for (p, r) in rows.iter_mut().enumerate() {
         let t = tiles[p.min(np - 1)] as usize;
-        *r = v[(t * pos + xi) * cin..][..cin].as_ptr();
+        debug_assert!((t * pos + xi + 1) * cin <= v.len());
+        // SAFETY: `products` checked that `v` holds every listed tile's `pos * cin` values.
+        *r = unsafe { v.as_ptr().add((t * pos + xi) * cin) };
     }
     let mut c = 0;
     while c < cols {
@@ -1111,9 +1115,15 @@ fn group<S: Simd, const G: usize, const V: usize>(simd: S, g: Group<'_>, line: &
             }
         }
         for (a, &t) in acc.iter().zip(tiles) {
-            let dst = &mut m[(xi * block + t as usize) * cols + c..][..width];
-            let (d, _) = S::as_mut_simd_f32s(dst);
-            d.copy_from_slice(a);
+            let at = (xi * block + t as usize) * cols + c;
+            debug_assert!(at + width <= m.len());
+            // SAFETY: `products` checked that `m` holds `pos * block * cols` values, and
+            // `t < block`, `c + width <= cols`.
+            let dst = unsafe { m.as_mut_ptr().add(at) }.cast::<S::f32s>();
+            for (k, &v) in a.iter().enumerate() {
+                // SAFETY: as above, `V` vectors of `width` floats in all.
+                unsafe { dst.add(k).write_unaligned(v) };
+            }
         }
         c += width;
     }
