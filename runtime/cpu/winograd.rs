@@ -812,15 +812,13 @@ fn edge_output<S: Simd, const R: usize, const C: usize, const MR: usize, const M
 /// into the crate, so whole vectors take the plain path.
 #[inline(always)]
 pub(super) fn load<S: Simd>(simd: S, s: &[f32]) -> S::f32s {
-    if s.len() == S::F32_LANES {
-        S::as_simd_f32s(s).0[0]
-    } else {
-        simd.partial_load_f32s(s)
-    }
+    assert!(s.len() <= S::F32_LANES);
+    // SAFETY: `s` holds `s.len()` readable floats, at most a vector's worth.
+    unsafe { load_at(simd, s.as_ptr(), s.len()) }
 }
 
-/// [`load`] of `n` floats at `p`, without a slice's bounds checks (a 16-channel tile's input
-/// transform does 36 loads and 36 stores for 576 products).
+/// [`load`] of `n` floats at `p`, for callers that checked their bounds once for many vectors (a
+/// 16-channel tile's input transform does 36 loads and 36 stores for 576 products).
 ///
 /// # Safety
 /// `p` must point at `n` readable floats, `n <= S::F32_LANES`.
@@ -833,7 +831,7 @@ unsafe fn load_at<S: Simd>(simd: S, p: *const f32, n: usize) -> S::f32s {
     }
 }
 
-/// [`store`] of `n` floats at `p`, without a slice's bounds checks.
+/// [`store`] of `n` floats at `p` (see [`load_at`]).
 ///
 /// # Safety
 /// `p` must point at `n` writable floats that nothing else reads or writes meanwhile,
@@ -850,11 +848,9 @@ unsafe fn store_at<S: Simd>(simd: S, p: *mut f32, n: usize, v: S::f32s) {
 /// Stores the first `s.len()` lanes of `v` into `s` (see [`load`]).
 #[inline(always)]
 pub(super) fn store<S: Simd>(simd: S, s: &mut [f32], v: S::f32s) {
-    if s.len() == S::F32_LANES {
-        S::as_mut_simd_f32s(s).0[0] = v;
-    } else {
-        simd.partial_store_f32s(s, v)
-    }
+    assert!(s.len() <= S::F32_LANES);
+    // SAFETY: `s` is `s.len()` writable floats, at most a vector's worth, borrowed mutably.
+    unsafe { store_at(simd, s.as_mut_ptr(), s.len(), v) }
 }
 
 /// `B^T r` for a column `r` of `N` vectors. F(2x2): B^T = [[1, 0, -1, 0], [0, 1, 1, 0],
