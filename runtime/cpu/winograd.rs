@@ -86,9 +86,10 @@ impl Edges {
     /// run as F(2x2) there, with their own transforms).
     #[inline(always)]
     fn halved(self, t: usize, tw: usize) -> (bool, bool) {
+        let class = self.class(t, tw);
         (
-            t / tw == self.row.0 && self.row.1 == HALVED,
-            t % tw == self.col.0 && self.col.1 == HALVED,
+            class & 1 != 0 && self.row.1 == HALVED,
+            class & 2 != 0 && self.col.1 == HALVED,
         )
     }
 
