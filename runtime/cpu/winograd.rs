@@ -967,7 +967,7 @@ fn products<S: Simd, const P: usize, const V: usize>(simd: S, job: Products<'_>)
     // its input channels, and memory streams while the FMAs run (measured inside WAE-VGG16,
     // three alternating pairs: 14x14 256->512 1.31-1.34 -> 1.01-1.31 ms, 14x14 512->512
     // 2.2-2.7 -> 2.0-2.4 ms, the deep stages 13.0-14.3 -> 11.9-13.5 ms, in a sitting with
-    // other tenants on the memory bus; session 7's prefetch of the next panel had shown no
+    // other tenants on the memory bus; an earlier prefetch of only the next panel had shown no
     // change on the whole network).
     let lines = panel / LINE_FLOATS;
     // The tiles with a product at the current position (see `Edges`).
