@@ -20,9 +20,17 @@ use wae_edge::device::{self, DeviceRequest};
 use wae_edge::profiles::Profile;
 use wae_edge::weights;
 
+/// The version and the git commit the binary was built from (`build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("WAE_EDGE_COMMIT"),
+    ")"
+);
+
 /// Run WAE image classifiers on edge devices.
 #[derive(Parser, Debug)]
-#[command(name = "wae-edge", version, about)]
+#[command(name = "wae-edge", version = VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
