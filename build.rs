@@ -21,7 +21,17 @@ fn main() {
         println!("cargo:rerun-if-changed=.git/HEAD");
         if let Ok(head) = std::fs::read_to_string(git.join("HEAD")) {
             if let Some(r) = head.strip_prefix("ref: ") {
-                println!("cargo:rerun-if-changed=.git/{}", r.trim());
+                // A branch lives in its own file or, after `git gc`, in packed-refs; naming a
+                // file that does not exist would rerun this script on every build.
+                let loose = git.join(r.trim());
+                let file = if loose.exists() {
+                    loose
+                } else {
+                    git.join("packed-refs")
+                };
+                if file.exists() {
+                    println!("cargo:rerun-if-changed={}", file.display());
+                }
             }
         }
     }

@@ -119,3 +119,25 @@ fn a_cpu_profile_runs_and_sets_the_device() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("device: cpu (profile x86-64-cpu)"));
 }
+
+/// `--version` names the crate version and the commit the binary was built from: the checkout's
+/// HEAD where git can say, `unknown` outside a checkout.
+#[test]
+fn version_names_the_commit() {
+    let out = bin().arg("--version").output().unwrap();
+    assert_success(&out);
+    let line = String::from_utf8(out.stdout).unwrap();
+    let want = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or("unknown".into(), |o| {
+            String::from_utf8(o.stdout).unwrap().trim().to_string()
+        });
+    assert_eq!(
+        line.trim(),
+        format!("wae-edge {} ({want})", env!("CARGO_PKG_VERSION"))
+    );
+}
