@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod bench;
+pub mod capture;
 #[cfg(feature = "charts")]
 pub mod charts;
 pub mod classifier;
@@ -23,6 +24,7 @@ pub mod model;
 pub mod onnx;
 pub mod overlay;
 pub mod pipeline;
+pub mod prepare;
 pub mod preprocess;
 pub mod profiles;
 pub mod sources;
