@@ -5,27 +5,37 @@
 //! into the convs at export. Every epoch ends with a checkpoint, so an interrupted run loses at
 //! most one epoch (`--resume`). Adam moments are not checkpointed: a resumed stage restarts them.
 
+mod batch;
+mod fold;
 pub mod losses;
 mod plot;
+mod run_dir;
+mod step;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ArchKind, ModelConfig};
 use crate::dataset::Dataset;
 use crate::init::SeededInit;
-use crate::model::{Decoder, WaeNet, BN_EPS};
+use crate::model::{Decoder, WaeNet};
 use crate::preprocess::Preprocessor;
+pub use batch::make_batch;
+use batch::shuffled;
+pub use fold::fold_batch_norm;
+pub use run_dir::RunDir;
+use run_dir::{checkpoint, snapshot, RunState};
+use step::{count_correct, stage_vars, Nets};
 
 /// The three stages of the paper.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,15 +114,6 @@ pub struct EpochMetrics {
     pub seconds: f64,
 }
 
-/// What has been done so far; written with every checkpoint.
-#[derive(Serialize, Deserialize, Clone, Debug)]
-struct RunState {
-    options: TrainOptions,
-    /// Stages with their epochs completed.
-    done: Vec<(Stage, usize)>,
-    metrics: Vec<EpochMetrics>,
-}
-
 /// The stages a kind trains, with their epoch budgets.
 pub fn plan(o: &TrainOptions) -> Vec<(Stage, usize)> {
     if o.config.arch.kind == ArchKind::Wae {
@@ -124,238 +125,6 @@ pub fn plan(o: &TrainOptions) -> Vec<(Stage, usize)> {
     } else {
         vec![(Stage::Classifier, o.cls_epochs)]
     }
-}
-
-/// Files of a run directory.
-pub struct RunDir(pub PathBuf);
-
-impl RunDir {
-    fn checkpoint(&self) -> PathBuf {
-        self.0.join("checkpoint.safetensors")
-    }
-    fn state(&self) -> PathBuf {
-        self.0.join("state.json")
-    }
-    /// Per-epoch metrics.
-    pub fn metrics(&self) -> PathBuf {
-        self.0.join("metrics.csv")
-    }
-    /// Training-curve picture.
-    pub fn curve(&self) -> PathBuf {
-        self.0.join("curve.svg")
-    }
-}
-
-/// Deterministic shuffle of `0..n` for a seed.
-fn shuffled(n: usize, seed: u64) -> Vec<usize> {
-    let mut v: Vec<usize> = (0..n).collect();
-    v.shuffle(&mut StdRng::seed_from_u64(seed));
-    v
-}
-
-/// Normalised batch and labels; with `rng`, each image is flipped (p = 0.5) and shifted by up
-/// to 2 px (zero fill).
-pub fn make_batch(
-    pre: &Preprocessor,
-    ds: &Dataset,
-    idx: &[usize],
-    rng: Option<&mut StdRng>,
-    dev: &Device,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let (c, h, w) = (ds.channels, ds.height, ds.width);
-    let mut data = Vec::with_capacity(idx.len() * c * h * w);
-    let mut aug_rng = rng;
-    let mut moved = vec![0u8; c * h * w];
-    for &i in idx {
-        let img = ds.image(i);
-        match aug_rng.as_deref_mut() {
-            None => pre.normalize_planar(img, &mut data),
-            Some(r) => {
-                let flip = r.random_bool(0.5);
-                let (dy, dx) = (r.random_range(-2i64..=2), r.random_range(-2i64..=2));
-                for ch in 0..c {
-                    for y in 0..h as i64 {
-                        for x in 0..w as i64 {
-                            let (sy, sx0) = (y - dy, x - dx);
-                            let sx = if flip { w as i64 - 1 - sx0 } else { sx0 };
-                            let v = if (0..h as i64).contains(&sy) && (0..w as i64).contains(&sx) {
-                                img[ch * h * w + (sy as usize) * w + sx as usize]
-                            } else {
-                                0
-                            };
-                            moved[ch * h * w + (y as usize) * w + x as usize] = v;
-                        }
-                    }
-                }
-                pre.normalize_planar(&moved, &mut data);
-            }
-        }
-    }
-    let x = Tensor::from_vec(data, (idx.len(), c, h, w), dev)?;
-    let y = Tensor::from_vec(
-        idx.iter().map(|&i| ds.labels[i] as u32).collect::<Vec<_>>(),
-        idx.len(),
-        dev,
-    )?;
-    Ok((x, y))
-}
-
-/// How many rows of `logits` have their maximum at the label in `y`.
-fn count_correct(logits: &Tensor, y: &Tensor) -> candle_core::Result<usize> {
-    let hits = logits
-        .argmax(D::Minus1)?
-        .eq(y)?
-        .to_dtype(DType::F32)?
-        .sum_all()?;
-    Ok(hits.to_scalar::<f32>()? as usize)
-}
-
-/// Trainable variables of a stage (batch-norm running statistics are never trained).
-fn stage_vars(vm: &VarMap, stage: Stage, kind: ArchKind) -> Vec<candle_core::Var> {
-    let data = vm.data().lock().expect("varmap lock");
-    let mut names: Vec<&String> = data
-        .keys()
-        .filter(|n| !n.ends_with("running_mean") && !n.ends_with("running_var"))
-        .filter(|n| {
-            let ae = n.starts_with("encoder.") || n.starts_with("decoder.");
-            match stage {
-                Stage::AutoEncoder => ae,
-                Stage::Classifier if kind == ArchKind::Wae => !ae,
-                _ => true,
-            }
-        })
-        .collect();
-    names.sort();
-    names.into_iter().map(|n| data[n].clone()).collect()
-}
-
-/// The model's networks over one VarMap.
-struct Nets {
-    net: WaeNet,
-    decoder: Option<Decoder>,
-}
-
-impl Nets {
-    /// Training-mode split and reconstruction: I_L, I_H and L_rec + lambda * L_energy.
-    fn auto_encode(
-        &self,
-        x: &Tensor,
-        lambda: f64,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (low, high) = self.net.split(x, true)?;
-        let high = high.expect("WAE has I_H");
-        let rebuilt = self
-            .decoder
-            .as_ref()
-            .expect("WAE has a decoder")
-            .forward(&low, &high)?;
-        let loss = losses::wae(x, &rebuilt, &high, lambda)?;
-        Ok((low, high, loss))
-    }
-
-    /// Loss, correct count and the split's by-products for one batch.
-    fn step_loss(
-        &self,
-        stage: Stage,
-        x: &Tensor,
-        y: &Tensor,
-        o: &TrainOptions,
-    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let net = &self.net;
-        match stage {
-            Stage::AutoEncoder => Ok((self.auto_encode(x, o.lambda)?.2, None)),
-            Stage::Classifier => {
-                let logits = if o.config.arch.kind == ArchKind::Wae {
-                    // Frozen encoder: running statistics, no gradient.
-                    let (low, high) = net.split(x, false)?;
-                    let (low, high) = (low.detach(), high.map(|h| h.detach()));
-                    let f_low = net.backbone(&low, true)?;
-                    let f_high = net.branch(high.as_ref(), true)?;
-                    net.heads(&f_low, f_high.as_ref(), true)?
-                } else {
-                    net.forward_t(x, true)?
-                };
-                Ok((candle_nn::loss::cross_entropy(&logits, y)?, Some(logits)))
-            }
-            Stage::Joint => {
-                let (low, high, wae) = self.auto_encode(x, o.lambda)?;
-                let f_low = net.backbone(&low, true)?;
-                let f_high = net.branch(Some(&high), true)?;
-                let logits = net.heads(&f_low, f_high.as_ref(), true)?;
-                let cls = candle_nn::loss::cross_entropy(&logits, y)?;
-                Ok((losses::joint(&cls, &wae, o.gamma)?, Some(logits)))
-            }
-        }
-    }
-
-    /// Validation accuracy, reconstruction loss and I_H energy.
-    fn validate(
-        &self,
-        pre: &Preprocessor,
-        ds: &Dataset,
-        dev: &Device,
-    ) -> candle_core::Result<(f64, Option<f64>, Option<f64>)> {
-        let (mut correct, mut rec, mut energy, mut batches) = (0usize, 0f64, 0f64, 0usize);
-        let idx: Vec<usize> = (0..ds.len()).collect();
-        for chunk in idx.chunks(500) {
-            let (x, y) = make_batch(pre, ds, chunk, None, dev)?;
-            let (low, high) = self.net.split(&x, false)?;
-            if let (Some(dec), Some(h)) = (&self.decoder, &high) {
-                rec +=
-                    losses::reconstruction(&x, &dec.forward(&low, h)?)?.to_scalar::<f32>()? as f64;
-            }
-            if let Some(h) = &high {
-                energy += losses::energy(h)?.to_scalar::<f32>()? as f64;
-            }
-            let f_low = self.net.backbone(&low, false)?;
-            let f_high = self.net.branch(high.as_ref(), false)?;
-            let logits = self.net.heads(&f_low, f_high.as_ref(), false)?;
-            correct += count_correct(&logits, &y)?;
-            batches += 1;
-        }
-        let n = batches.max(1) as f64;
-        let mean_if = |has: bool, v: f64| has.then_some(v / n);
-        Ok((
-            correct as f64 / ds.len().max(1) as f64,
-            mean_if(self.decoder.is_some(), rec),
-            mean_if(self.net.config().arch.kind.has_branch(), energy),
-        ))
-    }
-}
-
-/// Folds every `P.bn.*` batch norm into the conv at `P` (eval-mode statistics) and drops it.
-pub fn fold_batch_norm(
-    tensors: &HashMap<String, Tensor>,
-) -> candle_core::Result<HashMap<String, Tensor>> {
-    let mut out = tensors.clone();
-    let prefixes: Vec<String> = tensors
-        .keys()
-        .filter_map(|k| k.strip_suffix(".bn.running_mean"))
-        .map(str::to_string)
-        .collect();
-    for p in prefixes {
-        let get = |s: &str| {
-            out.get(&format!("{p}.{s}"))
-                .cloned()
-                .ok_or_else(|| candle_core::Error::Msg(format!("fold: {p}.{s} missing")))
-        };
-        let (w, b) = (get("weight")?, get("bias")?);
-        let (g, beta, mean, var) = (
-            get("bn.weight")?,
-            get("bn.bias")?,
-            get("bn.running_mean")?,
-            get("bn.running_var")?,
-        );
-        let scale = (g / (var + BN_EPS)?.sqrt()?)?;
-        let w2 = w.broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
-        let b2 = ((b - mean)? * &scale)?.add(&beta)?;
-        for s in ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"] {
-            out.remove(&format!("{p}.{s}"));
-        }
-        out.insert(format!("{p}.weight"), w2);
-        out.insert(format!("{p}.bias"), b2);
-    }
-    Ok(out)
 }
 
 /// Result of a finished run.
@@ -473,96 +242,23 @@ pub fn train(
         };
         let mut opt = AdamW::new(vars, params)?;
         let total_steps = (epochs * steps_per_epoch).max(1);
+        let epoch_run = Epoch {
+            options,
+            nets: &nets,
+            pre: &pre,
+            train_set,
+            val: &val,
+            dev,
+            stage,
+            epochs,
+            peak,
+            steps_per_epoch,
+            total_steps,
+        };
         for epoch in done..epochs {
-            let t0 = Instant::now();
-            let mut rng =
+            let rng =
                 StdRng::seed_from_u64(options.seed ^ ((stage_no as u64) << 32) ^ epoch as u64);
-            train_idx.shuffle(&mut rng);
-            let bar = ProgressBar::new(steps_per_epoch as u64);
-            bar.set_style(
-                ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {elapsed}<{eta} {msg}")
-                    .expect("static template"),
-            );
-            bar.set_prefix(format!("{stage:?} {}/{epochs}", epoch + 1));
-            let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-            let mut lr = peak;
-            for (step, chunk) in train_idx.chunks(options.batch).enumerate() {
-                let t = (epoch * steps_per_epoch + step) as f64 / total_steps as f64;
-                lr = peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
-                opt.set_learning_rate(lr);
-                let (x, y) = make_batch(
-                    &pre,
-                    train_set,
-                    chunk,
-                    options.augment.then_some(&mut rng),
-                    dev,
-                )?;
-                let (loss, logits) = nets.step_loss(stage, &x, &y, options)?;
-                opt.backward_step(&loss)?;
-                let l = loss.to_scalar::<f32>()? as f64;
-                if !l.is_finite() {
-                    bail!(
-                        "{stage:?} epoch {}: the loss became {l}; lower --lr",
-                        epoch + 1
-                    );
-                }
-                loss_sum += l * chunk.len() as f64;
-                seen += chunk.len();
-                if let Some(logits) = logits {
-                    correct += count_correct(&logits, &y)?;
-                }
-                bar.inc(1);
-                if step % 10 == 0 {
-                    let msg = format!(
-                        "loss {:.4} acc {:.3}",
-                        loss_sum / seen as f64,
-                        correct as f64 / seen as f64
-                    );
-                    // indicatif draws nothing off a terminal; logs still get a line now and then.
-                    if bar.is_hidden() && step % 100 == 0 {
-                        eprintln!(
-                            "{stage:?} {}/{epochs} step {step}/{steps_per_epoch} {msg} ({:.0} s)",
-                            epoch + 1,
-                            t0.elapsed().as_secs_f64()
-                        );
-                    }
-                    bar.set_message(msg);
-                }
-            }
-            bar.finish_and_clear();
-            let has_cls = stage != Stage::AutoEncoder;
-            // `--val 0` trains on every image (after choosing settings on a split) and reports
-            // no validation numbers rather than zeros.
-            let (val_acc, val_rec, val_energy) = if val.is_empty() {
-                (None, None, None)
-            } else {
-                let (acc, rec, energy) = nets.validate(&pre, &val, dev)?;
-                (has_cls.then_some(acc), rec, energy)
-            };
-            let m = EpochMetrics {
-                stage,
-                epoch: epoch + 1,
-                train_loss: loss_sum / seen.max(1) as f64,
-                train_acc: has_cls.then_some(correct as f64 / seen.max(1) as f64),
-                val_acc,
-                val_rec,
-                val_energy,
-                lr,
-                seconds: t0.elapsed().as_secs_f64(),
-            };
-            let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
-            eprintln!(
-                "{:?} {}/{}: loss {:.4} train acc {} val acc {} val rec {} energy {} ({:.0} s)",
-                stage,
-                m.epoch,
-                epochs,
-                m.train_loss,
-                f(m.train_acc),
-                f(m.val_acc),
-                f(m.val_rec),
-                f(m.val_energy),
-                m.seconds
-            );
+            let m = epoch_run.run(epoch, rng, &mut opt, &mut train_idx)?;
             state.metrics.push(m);
             state.done.retain(|(s, _)| *s != stage);
             state.done.push((stage, epoch + 1));
@@ -580,131 +276,133 @@ pub fn train(
     })
 }
 
-/// Current values of every variable, by name, copied to the CPU for writing.
-fn snapshot(vm: &VarMap) -> candle_core::Result<HashMap<String, Tensor>> {
-    let data = vm.data().lock().expect("varmap lock");
-    data.iter()
-        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
-        .collect()
+/// One stage's epochs: what they share.
+struct Epoch<'a> {
+    options: &'a TrainOptions,
+    nets: &'a Nets,
+    pre: &'a Preprocessor,
+    train_set: &'a Dataset,
+    val: &'a Dataset,
+    dev: &'a Device,
+    stage: Stage,
+    /// The stage's epoch budget.
+    epochs: usize,
+    /// The stage's peak learning rate, decayed by a cosine over its steps.
+    peak: f64,
+    steps_per_epoch: usize,
+    total_steps: usize,
 }
 
-/// Writes the checkpoint, state, metrics CSV and curve, each atomically.
-fn checkpoint(run: &RunDir, vm: &VarMap, state: &RunState) -> Result<()> {
-    let tensors = snapshot(vm)?;
-    let bytes = safetensors_f32(&tensors)?;
-    crate::atomic::write(&run.checkpoint(), &bytes)?;
-    crate::atomic::write(
-        &run.state(),
-        serde_json::to_string_pretty(state)?.as_bytes(),
-    )?;
-    let mut csv =
-        String::from("stage,epoch,train_loss,train_acc,val_acc,val_rec,val_energy,lr,seconds\n");
-    for m in &state.metrics {
-        let stage = serde_json::to_value(m.stage)?
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
-        csv += &format!(
-            "{stage},{},{:.6},{},{},{},{},{:.3e},{:.1}\n",
+impl Epoch<'_> {
+    /// Trains epoch `epoch` (from 0) over `train_idx`, shuffled by `rng`, with a progress bar,
+    /// then validates; returns the epoch's metrics.
+    fn run(
+        &self,
+        epoch: usize,
+        mut rng: StdRng,
+        opt: &mut AdamW,
+        train_idx: &mut [usize],
+    ) -> Result<EpochMetrics> {
+        let Epoch {
+            options,
+            nets,
+            pre,
+            train_set,
+            val,
+            dev,
+            stage,
+            epochs,
+            peak,
+            steps_per_epoch,
+            total_steps,
+        } = *self;
+        let t0 = Instant::now();
+        train_idx.shuffle(&mut rng);
+        let bar = ProgressBar::new(steps_per_epoch as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {elapsed}<{eta} {msg}")
+                .expect("static template"),
+        );
+        bar.set_prefix(format!("{stage:?} {}/{epochs}", epoch + 1));
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        let mut lr = peak;
+        for (step, chunk) in train_idx.chunks(options.batch).enumerate() {
+            let t = (epoch * steps_per_epoch + step) as f64 / total_steps as f64;
+            lr = peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+            opt.set_learning_rate(lr);
+            let (x, y) = make_batch(
+                pre,
+                train_set,
+                chunk,
+                options.augment.then_some(&mut rng),
+                dev,
+            )?;
+            let (loss, logits) = nets.step_loss(stage, &x, &y, options)?;
+            opt.backward_step(&loss)?;
+            let l = loss.to_scalar::<f32>()? as f64;
+            if !l.is_finite() {
+                bail!(
+                    "{stage:?} epoch {}: the loss became {l}; lower --lr",
+                    epoch + 1
+                );
+            }
+            loss_sum += l * chunk.len() as f64;
+            seen += chunk.len();
+            if let Some(logits) = logits {
+                correct += count_correct(&logits, &y)?;
+            }
+            bar.inc(1);
+            if step % 10 == 0 {
+                let msg = format!(
+                    "loss {:.4} acc {:.3}",
+                    loss_sum / seen as f64,
+                    correct as f64 / seen as f64
+                );
+                // indicatif draws nothing off a terminal; logs still get a line now and then.
+                if bar.is_hidden() && step % 100 == 0 {
+                    eprintln!(
+                        "{stage:?} {}/{epochs} step {step}/{steps_per_epoch} {msg} ({:.0} s)",
+                        epoch + 1,
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+                bar.set_message(msg);
+            }
+        }
+        bar.finish_and_clear();
+        let has_cls = stage != Stage::AutoEncoder;
+        // `--val 0` trains on every image (after choosing settings on a split) and reports
+        // no validation numbers rather than zeros.
+        let (val_acc, val_rec, val_energy) = if val.is_empty() {
+            (None, None, None)
+        } else {
+            let (acc, rec, energy) = nets.validate(pre, val, dev)?;
+            (has_cls.then_some(acc), rec, energy)
+        };
+        let m = EpochMetrics {
+            stage,
+            epoch: epoch + 1,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_acc: has_cls.then_some(correct as f64 / seen.max(1) as f64),
+            val_acc,
+            val_rec,
+            val_energy,
+            lr,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        eprintln!(
+            "{:?} {}/{}: loss {:.4} train acc {} val acc {} val rec {} energy {} ({:.0} s)",
+            stage,
             m.epoch,
+            epochs,
             m.train_loss,
             f(m.train_acc),
             f(m.val_acc),
             f(m.val_rec),
             f(m.val_energy),
-            m.lr,
             m.seconds
         );
-    }
-    crate::atomic::write(&run.metrics(), csv.as_bytes())?;
-    let svg = plot::curve_svg(&state.metrics, &state.options.config.name)?;
-    crate::atomic::write(&run.curve(), svg.as_bytes())?;
-    Ok(())
-}
-
-/// Serialises f32 tensors (checkpoints keep full precision).
-fn safetensors_f32(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
-    let mut named: Vec<(&String, &Tensor)> = tensors.iter().collect();
-    named.sort_by(|a, b| a.0.cmp(b.0));
-    Ok(safetensors::serialize(named, None)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::preset;
-    use candle_nn::ModuleT;
-
-    #[test]
-    fn folding_batch_norm_keeps_eval_outputs() {
-        let init = SeededInit::new(7);
-        let vb = init.var_builder();
-        let conv = crate::model::conv3x3(2, 3, 1, true, false, vb.pp("c")).unwrap();
-        // Non-trivial statistics and affine parameters.
-        let mut t = init.tensors();
-        t.insert(
-            "c.bn.running_mean".into(),
-            Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap(),
-        );
-        t.insert(
-            "c.bn.running_var".into(),
-            Tensor::new(&[4.0f32, 0.25, 1.0], &Device::Cpu).unwrap(),
-        );
-        t.insert(
-            "c.bn.weight".into(),
-            Tensor::new(&[1.5f32, -0.5, 1.0], &Device::Cpu).unwrap(),
-        );
-        t.insert(
-            "c.bn.bias".into(),
-            Tensor::new(&[0.1f32, 0.2, -0.3], &Device::Cpu).unwrap(),
-        );
-        let with_bn = crate::model::conv3x3(
-            2,
-            3,
-            1,
-            true,
-            false,
-            VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu).pp("c"),
-        )
-        .unwrap();
-        let folded = fold_batch_norm(&t).unwrap();
-        assert!(!folded.keys().any(|k| k.contains(".bn.")));
-        let plain = crate::model::conv3x3(
-            2,
-            3,
-            1,
-            false,
-            false,
-            VarBuilder::from_tensors(folded, DType::F32, &Device::Cpu).pp("c"),
-        )
-        .unwrap();
-        let x = Tensor::randn(0f32, 1., (2, 2, 5, 5), &Device::Cpu).unwrap();
-        let a = with_bn.forward_t(&x, false).unwrap();
-        let b = plain.forward_t(&x, false).unwrap();
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-4, "{diff}");
-        drop(conv);
-    }
-
-    #[test]
-    fn stages_pick_their_variables() {
-        let cfg = preset("wae-fashion").unwrap();
-        let init = SeededInit::new(0);
-        WaeNet::new(&cfg, init.var_builder()).unwrap();
-        Decoder::new(&cfg, init.var_builder().pp("decoder")).unwrap();
-        let vm = init.into_varmap(&Device::Cpu).unwrap();
-        let total = stage_vars(&vm, Stage::Joint, ArchKind::Wae).len();
-        let ae = stage_vars(&vm, Stage::AutoEncoder, ArchKind::Wae).len();
-        let cls = stage_vars(&vm, Stage::Classifier, ArchKind::Wae).len();
-        assert_eq!(ae + cls, total);
-        assert!(ae > 0 && cls > ae);
+        Ok(m)
     }
 }
