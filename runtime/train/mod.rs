@@ -303,19 +303,7 @@ impl Epoch<'_> {
         opt: &mut AdamW,
         train_idx: &mut [usize],
     ) -> Result<EpochMetrics> {
-        let Epoch {
-            options,
-            nets,
-            pre,
-            train_set,
-            val,
-            dev,
-            stage,
-            epochs,
-            peak,
-            steps_per_epoch,
-            total_steps,
-        } = *self;
+        let (stage, epochs, steps_per_epoch) = (self.stage, self.epochs, self.steps_per_epoch);
         let t0 = Instant::now();
         train_idx.shuffle(&mut rng);
         let bar = ProgressBar::new(steps_per_epoch as u64);
@@ -325,19 +313,19 @@ impl Epoch<'_> {
         );
         bar.set_prefix(format!("{stage:?} {}/{epochs}", epoch + 1));
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-        let mut lr = peak;
-        for (step, chunk) in train_idx.chunks(options.batch).enumerate() {
-            let t = (epoch * steps_per_epoch + step) as f64 / total_steps as f64;
-            lr = peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+        let mut lr = self.peak;
+        for (step, chunk) in train_idx.chunks(self.options.batch).enumerate() {
+            let t = (epoch * steps_per_epoch + step) as f64 / self.total_steps as f64;
+            lr = self.peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
             opt.set_learning_rate(lr);
             let (x, y) = make_batch(
-                pre,
-                train_set,
+                self.pre,
+                self.train_set,
                 chunk,
-                options.augment.then_some(&mut rng),
-                dev,
+                self.options.augment.then_some(&mut rng),
+                self.dev,
             )?;
-            let (loss, logits) = nets.step_loss(stage, &x, &y, options)?;
+            let (loss, logits) = self.nets.step_loss(stage, &x, &y, self.options)?;
             opt.backward_step(&loss)?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
@@ -373,10 +361,10 @@ impl Epoch<'_> {
         let has_cls = stage != Stage::AutoEncoder;
         // `--val 0` trains on every image (after choosing settings on a split) and reports
         // no validation numbers rather than zeros.
-        let (val_acc, val_rec, val_energy) = if val.is_empty() {
+        let (val_acc, val_rec, val_energy) = if self.val.is_empty() {
             (None, None, None)
         } else {
-            let (acc, rec, energy) = nets.validate(pre, val, dev)?;
+            let (acc, rec, energy) = self.nets.validate(self.pre, self.val, self.dev)?;
             (has_cls.then_some(acc), rec, energy)
         };
         let m = EpochMetrics {
