@@ -1,8 +1,47 @@
 //! Atomic file writes: everything the program writes goes to a temporary file beside the target
 //! and is renamed over it only once complete, so a crash or a full disk never leaves half a file.
+//! The temporary files being written are registered, so that an interrupted process (Ctrl-C,
+//! SIGTERM) can remove them before it exits ([`remove_pending`]).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+/// Temporary files being written now.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes every temporary file still being written, for a process about to exit on a
+/// signal; returns how many it removed. Their writers then fail to rename them, so no target
+/// is touched.
+pub fn remove_pending() -> usize {
+    let pending = std::mem::take(&mut *PENDING.lock().unwrap_or_else(PoisonError::into_inner));
+    pending
+        .iter()
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .count()
+}
+
+/// Keeps a temporary file's path in [`PENDING`] while it lives.
+struct Registered(PathBuf);
+
+impl Registered {
+    fn new(path: &Path) -> Registered {
+        PENDING
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(path.to_path_buf());
+        Registered(path.to_path_buf())
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        PENDING
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|p| *p != self.0);
+    }
+}
 
 /// Writes `bytes` to `path` atomically.
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -31,6 +70,7 @@ pub fn write_with(
         .prefix(".wae-edge-")
         .suffix(".tmp")
         .tempfile_in(dir)?;
+    let _registered = Registered::new(tmp.path());
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
         fill(&mut w)?;

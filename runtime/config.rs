@@ -167,6 +167,17 @@ pub enum ConfigError {
 const MAX_SIDE: usize = 4096;
 /// Largest channel width accepted anywhere in the network.
 const MAX_WIDTH: usize = 16384;
+/// Counts a config may ask for, far above any real network's (VGG16: 5 stages of at most 3
+/// convs, 2 head layers), so that a hostile config is refused before anything is built for it.
+const MAX_STAGES: usize = 16;
+/// Convs per backbone stage, at most.
+const MAX_STAGE_CONVS: usize = 64;
+/// Encoder convs, head layers (each head) and decoder convs, at most each.
+const MAX_LAYERS: usize = 64;
+/// Classes, at most (ImageNet-21k has 21,841).
+const MAX_CLASSES: usize = 100_000;
+/// Characters in a label or in the model's name, at most.
+const MAX_LABEL_CHARS: usize = 1024;
 
 impl ModelConfig {
     /// Checks that the config describes a network that can be built and fed.
@@ -181,8 +192,22 @@ impl ModelConfig {
                 classes: self.classes,
             });
         }
-        if self.classes == 0 {
-            return bad("the model has zero classes".into());
+        if self.classes == 0 || self.classes > MAX_CLASSES {
+            return bad(format!(
+                "{} classes outside 1..={MAX_CLASSES}",
+                self.classes
+            ));
+        }
+        if let Some(l) = self
+            .labels
+            .iter()
+            .chain([&self.name])
+            .find(|l| l.chars().count() > MAX_LABEL_CHARS)
+        {
+            return bad(format!(
+                "a label or name of {} characters (at most {MAX_LABEL_CHARS})",
+                l.chars().count()
+            ));
         }
         let InputSpec {
             channels,
@@ -221,6 +246,29 @@ impl ModelConfig {
         }
         if a.backbone.is_empty() || a.backbone.iter().any(|s| s.is_empty()) {
             return bad("backbone needs at least one stage, each with at least one conv".into());
+        }
+        // Counts before anything is walked per layer.
+        if a.backbone.len() > MAX_STAGES {
+            return bad(format!(
+                "{} backbone stages (at most {MAX_STAGES})",
+                a.backbone.len()
+            ));
+        }
+        if let Some(s) = a.backbone.iter().find(|s| s.len() > MAX_STAGE_CONVS) {
+            return bad(format!(
+                "a backbone stage of {} convs (at most {MAX_STAGE_CONVS})",
+                s.len()
+            ));
+        }
+        for (what, n) in [
+            ("encoder convs", a.encoder.len()),
+            ("head_low layers", a.head_low.len()),
+            ("head_fuse layers", a.head_fuse.len()),
+            ("decoder convs", a.decoder.convs),
+        ] {
+            if n > MAX_LAYERS {
+                return bad(format!("{n} {what} (at most {MAX_LAYERS})"));
+            }
         }
         let widths = a
             .encoder

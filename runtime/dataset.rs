@@ -107,7 +107,7 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DatasetError> {
         path: path.into(),
         cause,
     };
-    let raw = std::fs::read(path).map_err(io)?;
+    let raw = crate::regular_file::read_bounded(path, MAX_IDX_BYTES as u64).map_err(io)?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use image::{DynamicImage, RgbImage};
 
-use crate::preprocess::{decode_bytes, ImageError, MAX_IMAGE_SIDE};
+use crate::preprocess::{check_size, decode_bytes, ImageError};
 
 /// A frame as it leaves the source, before decoding.
 #[derive(Clone, Debug)]
@@ -82,18 +82,15 @@ fn decode_mjpeg(
         path: name.into(),
         reason: e.to_string(),
     };
-    let mut dec = jpeg_decoder::Decoder::new(bytes);
+    let bytes = crate::mjpeg::with_standard_tables(bytes);
+    let mut dec = jpeg_decoder::Decoder::new(&bytes[..]);
     dec.read_info().map_err(err)?;
     let info = dec.info().ok_or_else(|| ImageError::Decode {
         path: name.into(),
         reason: "no JPEG header".into(),
     })?;
-    if u32::from(info.width) > MAX_IMAGE_SIDE || u32::from(info.height) > MAX_IMAGE_SIDE {
-        return Err(ImageError::TooLarge {
-            path: name.into(),
-            reason: format!("{}x{}", info.width, info.height),
-        });
-    }
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    check_size(w, h, u64::from(w) * u64::from(h) * 3, name)?;
     if let Some((w, h)) = want {
         dec.scale(w.min(u16::MAX as u32) as u16, h.min(u16::MAX as u32) as u16)
             .map_err(err)?;

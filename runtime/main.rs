@@ -23,9 +23,7 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {
-            // One line, whatever the error chain holds.
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", cli::one_line(&e));
             ExitCode::FAILURE
         }
     }

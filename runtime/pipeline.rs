@@ -5,7 +5,7 @@
 //! with a summary of per-stage percentiles.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use crate::capture::{spawn_capture, LatestSlot, Taken};
 use crate::classifier::{Classifier, Prediction};
 use crate::model::StageTimes;
 pub use crate::prepare::overlap_pays;
-use crate::prepare::{network_pool, prepare_loop, prepare_next, Prepared};
+use crate::prepare::{network_pool, Prepared, Preparer};
 use crate::sources::{FrameSource, SourceError};
 use crate::stats::{LatencyHistogram, Summary};
 
@@ -39,9 +39,14 @@ pub enum StreamError {
     /// No frame within the timeout: a stalled or unplugged camera.
     #[error("source stalled: no frame for {0:.1} s (unplugged or stuck camera?)")]
     Stalled(f64),
-    /// A frame could not be decoded.
-    #[error(transparent)]
-    Decode(#[from] crate::preprocess::ImageError),
+    /// Frame after frame could not be decoded (a single bad frame is skipped and counted).
+    #[error("{count} frames in a row could not be decoded; the last: {last}")]
+    BadFrames {
+        /// Undecodable frames in a row.
+        count: u32,
+        /// Why the last one failed.
+        last: crate::preprocess::ImageError,
+    },
     /// Inference failed.
     #[error("inference: {0}")]
     Candle(#[from] candle_core::Error),
@@ -65,7 +70,13 @@ pub struct StreamOptions {
     /// Prepare frames on a thread of their own, overlapping the network on all cores but one;
     /// `None` measures at start whether that pays ([`overlap_pays`]).
     pub overlap: Option<bool>,
+    /// Undecodable frames in a row that end the source (or reopen it, with `reconnect`); fewer
+    /// are skipped and counted.
+    pub max_bad_frames: u32,
 }
+
+/// The default of [`StreamOptions::max_bad_frames`]: about a second of a 25-30 fps camera.
+pub const MAX_BAD_FRAMES: u32 = 25;
 
 /// Per-stage milliseconds of one frame.
 pub type StageMs = BTreeMap<&'static str, f64>;
@@ -92,6 +103,8 @@ pub struct StreamSummary {
     pub fps: f64,
     /// Frames the source produced that were never classified.
     pub dropped: u64,
+    /// Frames that could not be decoded, skipped.
+    pub bad_frames: u64,
     /// Latency percentiles per stage.
     pub stages: BTreeMap<&'static str, Summary>,
     /// Times the source was reopened.
@@ -210,7 +223,7 @@ impl Tally {
                 .is_some_and(|s| self.start.elapsed().as_secs_f64() >= s)
     }
 
-    fn summary(&self) -> StreamSummary {
+    fn summary(&self, bad_frames: u64) -> StreamSummary {
         // fps over the span between the first and the last classified frame (warm-up excluded).
         let span = self
             .first_done
@@ -224,6 +237,7 @@ impl Tally {
             frames: self.frames,
             fps,
             dropped: self.dropped,
+            bad_frames,
             stages: self.stages.iter().map(|(k, v)| (*k, v.summary())).collect(),
             reconnects: self.reconnects,
         }
@@ -241,7 +255,8 @@ impl Backoff {
     /// Says why on stderr, waits, and doubles the next wait.
     fn wait(&mut self, why: std::fmt::Arguments) {
         eprintln!(
-            "reconnect: {why}; retrying in {:.1} s",
+            "reconnect: {}; retrying in {:.1} s",
+            crate::terminal::Escaped(why),
             self.0.as_secs_f64()
         );
         std::thread::sleep(self.0);
@@ -258,8 +273,8 @@ struct Run<'a> {
     clf: &'a Classifier,
     opts: &'a StreamOptions,
     stop: &'a AtomicBool,
-    /// The decode size MJPEG frames may be scaled down to.
-    want: Option<(u32, u32)>,
+    /// Frames into inputs, with the count of bad frames.
+    prep: Preparer<'a>,
     /// All cores but one, for the network, when preparing overlaps it.
     pool: Option<rayon::ThreadPool>,
 }
@@ -274,6 +289,8 @@ impl Run<'_> {
         on_frame: &mut impl FnMut(&FrameResult, f64, &image::DynamicImage),
     ) -> Result<(), StreamError> {
         let (opts, clf) = (self.opts, self.clf);
+        // A new source starts with a clean run of bad frames.
+        self.prep.bad_run.store(0, Ordering::Relaxed);
         let slot: Arc<LatestSlot> = Arc::new(LatestSlot::default());
         let capture_stop = Arc::new(AtomicBool::new(false));
         let handle = spawn_capture(source, slot.clone(), capture_stop.clone());
@@ -282,9 +299,7 @@ impl Run<'_> {
             if self.pool.is_some() {
                 std::thread::Builder::new()
                     .name("prepare".into())
-                    .spawn_scoped(scope, || {
-                        prepare_loop(&slot, &ready, &capture_stop, clf, self.want, opts.timeout)
-                    })
+                    .spawn_scoped(scope, || self.prep.run(&slot, &ready, &capture_stop))
                     .expect("spawning the preparing thread");
             }
             let outcome = loop {
@@ -325,7 +340,7 @@ impl Run<'_> {
     ) -> Result<Option<Prepared>, StreamError> {
         let timeout = self.opts.timeout;
         if self.pool.is_none() {
-            return prepare_next(frames, self.stop, self.clf, self.want, timeout);
+            return self.prep.next(frames, self.stop);
         }
         // The preparing thread reports a stalled source first; this is a backstop.
         match ready.take(timeout + Duration::from_secs(1)) {
@@ -375,9 +390,16 @@ pub fn run_stream(
         clf,
         opts,
         stop,
-        want: opts
-            .scaled_decode
-            .then_some((input.width as u32, input.height as u32)),
+        prep: Preparer {
+            clf,
+            want: opts
+                .scaled_decode
+                .then_some((input.width as u32, input.height as u32)),
+            timeout: opts.timeout,
+            max_bad: opts.max_bad_frames.max(1),
+            bad: AtomicU64::new(0),
+            bad_run: AtomicU32::new(0),
+        },
         pool: if overlap { network_pool() } else { None },
     };
     let mut tally = Tally::new();
@@ -397,7 +419,7 @@ pub fn run_stream(
         };
         match run.source(source, &mut tally, &mut backoff, &mut on_frame) {
             Ok(()) => break,
-            Err(StreamError::Source(_) | StreamError::Stalled(_))
+            Err(StreamError::Source(_) | StreamError::Stalled(_) | StreamError::BadFrames { .. })
                 if opts.reconnect && !stop.load(Ordering::Relaxed) =>
             {
                 backoff.wait(format_args!("source lost after {} frames", tally.frames));
@@ -406,7 +428,7 @@ pub fn run_stream(
             Err(e) => return Err(e),
         }
     }
-    Ok(tally.summary())
+    Ok(tally.summary(run.prep.bad.load(Ordering::Relaxed)))
 }
 
 #[cfg(test)]

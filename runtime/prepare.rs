@@ -3,13 +3,14 @@
 //! network when the network loses nothing measurable on one core fewer (`overlap_pays`).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::capture::{LatestSlot, Taken};
 use crate::classifier::Classifier;
 use crate::decode::decode_frame;
 use crate::pipeline::StreamError;
+use crate::sources::Frame;
 
 /// A frame decoded and preprocessed, ready for the network.
 pub struct Prepared {
@@ -25,61 +26,113 @@ pub struct Prepared {
     pub times: [Duration; 3],
 }
 
-/// Waits up to `timeout` for the newest frame, checking `stop` every 50 ms, then decodes and
-/// preprocesses it. `Ok(None)`: the source ended or `stop` was set.
-pub(crate) fn prepare_next(
-    frames: &LatestSlot,
-    stop: &AtomicBool,
-    clf: &Classifier,
-    want: Option<(u32, u32)>,
-    timeout: Duration,
-) -> Result<Option<Prepared>, StreamError> {
-    let since = Instant::now();
-    let frame = loop {
-        let left = timeout.saturating_sub(since.elapsed());
-        match frames.take(left.min(Duration::from_millis(50))) {
-            Taken::Frame(f) => break f,
-            Taken::Closed => return Ok(None),
-            Taken::Failed(e) => return Err(e.into()),
-            Taken::TimedOut if stop.load(Ordering::Relaxed) => return Ok(None),
-            Taken::TimedOut if left.is_zero() => {
-                return Err(StreamError::Stalled(timeout.as_secs_f64()))
-            }
-            Taken::TimedOut => {}
-        }
-    };
-    let t1 = Instant::now();
-    let name = frame.name.clone();
-    let image = decode_frame(frame.data, want, Path::new(&name))?;
-    let t2 = Instant::now();
-    let input = clf.preprocessor().to_tensor(&image, clf.device())?;
-    Ok(Some(Prepared {
-        index: frame.index,
-        image,
-        input,
-        since,
-        times: [t1 - since, t2 - t1, t2.elapsed()],
-    }))
+/// How a stream's frames are made into inputs, and the count of those that could not be.
+pub(crate) struct Preparer<'a> {
+    pub clf: &'a Classifier,
+    /// The size MJPEG frames may be decoded down to.
+    pub want: Option<(u32, u32)>,
+    /// Longest wait for a frame.
+    pub timeout: Duration,
+    /// Undecodable frames in a row that end the source ([`StreamError::BadFrames`]).
+    pub max_bad: u32,
+    /// Undecodable frames skipped, over the whole stream.
+    pub bad: AtomicU64,
+    /// Undecodable frames since the last good one.
+    pub bad_run: AtomicU32,
 }
 
-/// The preparing thread: fills `out` whenever it is empty, until the source ends, `stop`, or
-/// the first error, which it passes on through `out`.
-pub(crate) fn prepare_loop(
-    frames: &LatestSlot,
-    out: &LatestSlot<Prepared, StreamError>,
-    stop: &AtomicBool,
-    clf: &Classifier,
-    want: Option<(u32, u32)>,
-    timeout: Duration,
-) {
-    while out.wait_empty(stop) && !stop.load(Ordering::Relaxed) {
-        match prepare_next(frames, stop, clf, want, timeout) {
-            Ok(Some(p)) => out.put(p),
-            Ok(None) => break,
-            Err(e) => return out.close(Some(e)),
+impl Preparer<'_> {
+    /// Waits up to the timeout for the newest frame, checking `stop` every 50 ms, then decodes
+    /// and preprocesses it. A frame that cannot be decoded is skipped and counted, and the next
+    /// one waited for, until `max_bad` fail in a row. `Ok(None)`: the source ended or `stop`
+    /// was set.
+    pub fn next(
+        &self,
+        frames: &LatestSlot,
+        stop: &AtomicBool,
+    ) -> Result<Option<Prepared>, StreamError> {
+        let since = Instant::now();
+        loop {
+            let Some(frame) = self.take(frames, stop, since)? else {
+                return Ok(None);
+            };
+            let t1 = Instant::now();
+            let image = match decode_frame(frame.data, self.want, Path::new(&frame.name)) {
+                Ok(image) => image,
+                Err(e) => {
+                    self.skip(frame.index, e)?;
+                    continue;
+                }
+            };
+            self.bad_run.store(0, Ordering::Relaxed);
+            let t2 = Instant::now();
+            let input = self.clf.preprocessor().to_tensor(&image, self.clf.device())?;
+            return Ok(Some(Prepared {
+                index: frame.index,
+                image,
+                input,
+                since,
+                times: [t1 - since, t2 - t1, t2.elapsed()],
+            }));
         }
     }
-    out.close(None);
+
+    /// The newest frame, waiting until `since` + the timeout at most.
+    fn take(
+        &self,
+        frames: &LatestSlot,
+        stop: &AtomicBool,
+        since: Instant,
+    ) -> Result<Option<Frame>, StreamError> {
+        loop {
+            let left = self.timeout.saturating_sub(since.elapsed());
+            match frames.take(left.min(Duration::from_millis(50))) {
+                Taken::Frame(f) => return Ok(Some(f)),
+                Taken::Closed => return Ok(None),
+                Taken::Failed(e) => return Err(e.into()),
+                Taken::TimedOut if stop.load(Ordering::Relaxed) => return Ok(None),
+                Taken::TimedOut if left.is_zero() => {
+                    return Err(StreamError::Stalled(self.timeout.as_secs_f64()))
+                }
+                Taken::TimedOut => {}
+            }
+        }
+    }
+
+    /// Counts an undecodable frame; an error once `max_bad` came in a row. The first few are
+    /// reported on stderr, then every hundredth, so a flaky camera cannot flood a log.
+    fn skip(&self, index: u64, e: crate::preprocess::ImageError) -> Result<(), StreamError> {
+        let total = self.bad.fetch_add(1, Ordering::Relaxed) + 1;
+        let run = self.bad_run.fetch_add(1, Ordering::Relaxed) + 1;
+        if run >= self.max_bad {
+            return Err(StreamError::BadFrames { count: run, last: e });
+        }
+        if total <= 3 || total.is_multiple_of(100) {
+            eprintln!(
+                "skipping frame {index} ({total} skipped so far): {}",
+                crate::terminal::Escaped(&e)
+            );
+        }
+        Ok(())
+    }
+
+    /// The preparing thread: fills `out` whenever it is empty, until the source ends, `stop`,
+    /// or the first error, which it passes on through `out`.
+    pub fn run(
+        &self,
+        frames: &LatestSlot,
+        out: &LatestSlot<Prepared, StreamError>,
+        stop: &AtomicBool,
+    ) {
+        while out.wait_empty(stop) && !stop.load(Ordering::Relaxed) {
+            match self.next(frames, stop) {
+                Ok(Some(p)) => out.put(p),
+                Ok(None) => break,
+                Err(e) => return out.close(Some(e)),
+            }
+        }
+        out.close(None);
+    }
 }
 
 /// Networks slower than this run with the inline layout: preparing a frame (about 0.05 ms) is

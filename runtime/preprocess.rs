@@ -5,14 +5,17 @@ use std::io::{BufRead, Cursor, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
 
 use crate::config::{InputSpec, ModelConfig, Preprocess, ResizeMode};
 
 /// Largest width or height we decode; a header claiming more is refused before allocation.
 pub const MAX_IMAGE_SIDE: u32 = 16_384;
-/// Largest decode buffer in bytes.
-pub const MAX_IMAGE_BYTES: u64 = 512 * 1024 * 1024;
+/// Most pixels we decode (8192 x 8192): with [`MAX_IMAGE_BYTES`] this bounds every buffer
+/// derived from one image (its 8-bit RGB copy is at most 192 MiB).
+pub const MAX_IMAGE_PIXELS: u64 = 64 << 20;
+/// Largest decode buffer in bytes, and the largest image file read.
+pub const MAX_IMAGE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Why an image cannot be used. Every variant names the image.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +35,7 @@ pub enum ImageError {
         path: PathBuf,
     },
     /// The header claims dimensions beyond the decode caps.
-    #[error("{}: image too large to decode ({reason}; limit {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}, {} MiB)", path.display(), MAX_IMAGE_BYTES >> 20)]
+    #[error("{}: image too large to decode ({reason}; limit {MAX_IMAGE_SIDE} a side, {} megapixels, {} MiB)", path.display(), MAX_IMAGE_PIXELS >> 20, MAX_IMAGE_BYTES >> 20)]
     TooLarge {
         /// The image.
         path: PathBuf,
@@ -61,14 +64,7 @@ fn decode_reader<R: BufRead + Seek>(
     reader: ImageReader<R>,
     path: &Path,
 ) -> Result<DynamicImage, ImageError> {
-    let mut reader = reader
-        .with_guessed_format()
-        .map_err(|cause| ImageError::Io {
-            path: path.into(),
-            cause,
-        })?;
-    reader.limits(limits());
-    let img = reader.decode().map_err(|e| match e {
+    let map = |e: image::ImageError| match e {
         image::ImageError::Limits(l) => ImageError::TooLarge {
             path: path.into(),
             reason: l.to_string(),
@@ -81,7 +77,23 @@ fn decode_reader<R: BufRead + Seek>(
             path: path.into(),
             reason: other.to_string(),
         },
-    })?;
+    };
+    let mut reader = reader
+        .with_guessed_format()
+        .map_err(|cause| ImageError::Io {
+            path: path.into(),
+            cause,
+        })?;
+    reader.limits(limits());
+    let mut decoder = reader.into_decoder().map_err(map)?;
+    let (w, h) = decoder.dimensions();
+    check_size(w, h, decoder.total_bytes(), path)?;
+    // Phones record how the picture is to be seen; classify it that way.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(map)?;
+    img.apply_orientation(orientation);
     if img.width() == 0 || img.height() == 0 {
         return Err(ImageError::Decode {
             path: path.into(),
@@ -91,24 +103,43 @@ fn decode_reader<R: BufRead + Seek>(
     Ok(img)
 }
 
-/// Decodes an image file (format guessed from its content), refusing absurd dimensions.
-pub fn load_image(path: &Path) -> Result<DynamicImage, ImageError> {
-    let io = |cause| ImageError::Io {
+/// Refuses a picture whose header claims more than the decode caps, before anything is
+/// allocated for it.
+pub fn check_size(w: u32, h: u32, bytes: u64, path: &Path) -> Result<(), ImageError> {
+    let too_large = |reason: String| ImageError::TooLarge {
         path: path.into(),
-        cause,
+        reason,
     };
-    if std::fs::metadata(path).map_err(io)?.len() == 0 {
-        return Err(ImageError::Empty { path: path.into() });
+    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || u64::from(w) * u64::from(h) > MAX_IMAGE_PIXELS {
+        return Err(too_large(format!("{w}x{h}")));
     }
-    decode_reader(ImageReader::open(path).map_err(io)?, path)
+    if bytes > MAX_IMAGE_BYTES {
+        return Err(too_large(format!("{w}x{h}, {} MiB decoded", bytes >> 20)));
+    }
+    Ok(())
 }
 
-/// Decodes an in-memory encoded image (e.g. an MJPEG frame); `name` appears in errors.
+/// Decodes an image file (format guessed from its content, EXIF orientation applied),
+/// refusing what is not a regular file and absurd dimensions.
+pub fn load_image(path: &Path) -> Result<DynamicImage, ImageError> {
+    let bytes = crate::regular_file::read_bounded(path, MAX_IMAGE_BYTES).map_err(|cause| {
+        ImageError::Io {
+            path: path.into(),
+            cause,
+        }
+    })?;
+    decode_bytes(&bytes, path)
+}
+
+/// Decodes an in-memory encoded image (an image file's bytes, an MJPEG frame); `name` appears
+/// in errors. JPEGs without Huffman tables, as webcams send them, decode with the standard
+/// ones.
 pub fn decode_bytes(bytes: &[u8], name: &Path) -> Result<DynamicImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty { path: name.into() });
     }
-    decode_reader(ImageReader::new(Cursor::new(bytes)), name)
+    let bytes = crate::mjpeg::with_standard_tables(bytes);
+    decode_reader(ImageReader::new(Cursor::new(&bytes[..])), name)
 }
 
 /// Source pixels per output pixel and axis kept by the super-sampling resize.
@@ -146,7 +177,10 @@ impl Preprocessor {
             DynamicImage::ImageLuma8(_)
             | DynamicImage::ImageRgb8(_)
             | DynamicImage::ImageRgba8(_) => None,
-            other => Some(DynamicImage::ImageRgb8(other.to_rgb8())),
+            // 16-bit and alpha layouts become 8-bit with as few channels as they carry, so the
+            // copy of a large gray picture stays a third of an RGB one.
+            other if other.color().has_color() => Some(DynamicImage::ImageRgb8(other.to_rgb8())),
+            other => Some(DynamicImage::ImageLuma8(other.to_luma8())),
         };
         let src = src.as_ref().unwrap_or(img);
         let small = if src.width() == w && src.height() == h {

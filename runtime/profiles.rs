@@ -128,7 +128,7 @@ pub enum ProfileError {
     #[error("unknown profile `{0}`: not a shipped profile (`wae-edge profiles` lists them) nor a readable .toml file")]
     Unknown(String),
     /// The profile needs a back-end this binary lacks.
-    #[error("profile `{name}` needs {cause}")]
+    #[error("profile `{name}` asks for a device this build cannot use: {cause}")]
     Device {
         /// Profile name.
         name: String,
@@ -164,6 +164,9 @@ pub const SHIPPED: &[(&str, &str)] = &[
         include_str!("../firmware-profiles/raspberry-pi-5.toml"),
     ),
 ];
+
+/// Largest profile file read: a profile is a few dozen lines.
+const MAX_PROFILE_BYTES: u64 = 1 << 20;
 
 const KNOWN_FEATURES: &[&str] = &["cuda", "metal", "camera", "train"];
 
@@ -253,9 +256,16 @@ impl Profile {
         }
         let path = Path::new(name_or_path);
         if path.extension().is_some_and(|e| e == "toml") || path.components().count() > 1 {
-            let text = std::fs::read_to_string(path).map_err(|cause| ProfileError::Io {
+            let io = |cause| ProfileError::Io {
                 path: path.into(),
                 cause,
+            };
+            let bytes = crate::regular_file::read_bounded(path, MAX_PROFILE_BYTES).map_err(io)?;
+            let text = String::from_utf8(bytes).map_err(|e| {
+                io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e.utf8_error(),
+                ))
             })?;
             return Profile::parse(&text, path);
         }

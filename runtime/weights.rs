@@ -8,7 +8,6 @@
 //! Decoder tensors are never requested, so their bytes are never read.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -205,7 +204,7 @@ impl ModelFile {
             path: path.clone(),
             cause,
         };
-        let file = File::open(&path).map_err(io)?;
+        let file = crate::regular_file::open_regular(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len == 0 {
             return Err(WeightsError::Empty { path });

@@ -26,6 +26,7 @@ fn hundred_thousand_frames_keep_memory_flat() {
         reconnect: false,
         scaled_decode: true,
         overlap: None,
+        max_bad_frames: wae_edge::pipeline::MAX_BAD_FRAMES,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let mut samples = Vec::new();

@@ -159,6 +159,7 @@ fn options(reconnect: bool, overlap: bool) -> StreamOptions {
         reconnect,
         scaled_decode: true,
         overlap: Some(overlap),
+        max_bad_frames: wae_edge::pipeline::MAX_BAD_FRAMES,
     }
 }
 

@@ -17,6 +17,7 @@ use wae_edge::classifier::EngineKind;
 use wae_edge::pipeline::{run_stream, StreamOptions};
 use wae_edge::sources::{open_source, SourceOptions};
 use wae_edge::stats::resident_memory;
+use wae_edge::terminal::Escaped;
 use wae_edge::Classifier;
 
 use super::Placement;
@@ -31,19 +32,19 @@ pub struct Args {
     #[arg(long)]
     baseline: Option<PathBuf>,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::at_least_one)]
     batch: usize,
-    /// CPU threads (sets RAYON_NUM_THREADS; default: one per core).
-    #[arg(long)]
-    threads: Option<usize>,
+    /// CPU threads (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long, value_parser = super::at_least_one)]
+    pub(super) threads: Option<usize>,
     /// Untimed iterations first.
     #[arg(long, default_value_t = 10)]
     warmup: usize,
     /// Timed phase length in seconds.
-    #[arg(long, conflicts_with = "iters")]
+    #[arg(long, conflicts_with = "iters", value_parser = super::seconds)]
     seconds: Option<f64>,
     /// Timed iterations per model.
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one)]
     iters: Option<usize>,
     /// Also run the streaming pipeline on this source (e.g. synthetic:640x480) and report its
     /// fps against the bare model's.
@@ -63,7 +64,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE.svg")]
     chart: Option<PathBuf>,
     #[command(flatten)]
-    placement: Placement,
+    pub(super) placement: Placement,
 }
 
 /// The per-conv medians, with each one's share of the whole pass's median.
@@ -135,6 +136,7 @@ fn pipeline_overhead(clf: &Classifier, uri: &str, seconds: f64) -> Result<serde_
         }
         bare.push(n as f64 / t.elapsed().as_secs_f64());
         let opts = StreamOptions {
+            max_bad_frames: wae_edge::pipeline::MAX_BAD_FRAMES,
             frames: None,
             seconds: Some(seconds / 6.0),
             timeout: Duration::from_secs(5),
@@ -198,9 +200,6 @@ fn write_chart(_: &std::path::Path, _: &[BenchReport]) -> Result<()> {
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    if let Some(t) = a.threads {
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
     let device = a.placement.open()?;
     if a.layers.is_some() && !(device.is_cpu() && a.engine == EngineKind::Auto) {
         anyhow::bail!("--layers times the native CPU engine's convs: use it with --device cpu and --engine auto");
@@ -274,7 +273,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(p) = pipeline {
         println!(
             "pipeline on {}: {:.1} fps vs bare {:.1} fps: overhead {:.1}%",
-            p["source"].as_str().unwrap_or_default(),
+            Escaped(p["source"].as_str().unwrap_or_default()),
             p["pipeline_fps"].as_f64().unwrap_or_default(),
             p["bare_fps"].as_f64().unwrap_or_default(),
             p["overhead_pct"].as_f64().unwrap_or_default()

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use wae_edge::preprocess::load_image;
 use wae_edge::sources::expand_inputs;
+use wae_edge::terminal::Escaped;
 use wae_edge::{Classifier, Prediction};
 
 use super::{model_path, Placement};
@@ -22,13 +23,13 @@ pub struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// How many classes to print per input.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::at_least_one)]
     top_k: usize,
     /// One JSON object per input (JSON Lines) on stdout.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    placement: Placement,
+    pub(super) placement: Placement,
     /// Image files, directories or quoted globs.
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
@@ -52,10 +53,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if untrained {
         eprintln!(
             "WARNING: {} is UNTRAINED (random weights from `wae-edge new`): its predictions are meaningless",
-            model.display()
+            Escaped(model.display())
         );
     }
-    let k = args.top_k.clamp(1, clf.config().classes);
+    let k = args.top_k.min(clf.config().classes);
     let bar = if inputs.len() >= 50 {
         ProgressBar::new(inputs.len() as u64)
     } else {
@@ -89,13 +90,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
                             serde_json::to_string(&line).expect("plain data serialises")
                         );
                     } else {
-                        println!("{}  ({ms:.2} ms)", path.display());
+                        println!("{}  ({ms:.2} ms)", Escaped(path.display()));
                         for p in &top {
                             println!(
                                 "  {:6.2}%  class #{:<3} {}",
                                 p.score * 100.0,
                                 p.class,
-                                p.label
+                                Escaped(&p.label)
                             );
                         }
                     }
@@ -103,7 +104,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
             Err(e) => {
                 failed += 1;
-                bar.suspend(|| eprintln!("error: {}", format!("{e:#}").replace('\n', " ")));
+                bar.suspend(|| eprintln!("error: {}", super::one_line(&e)));
             }
         }
     }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
+use wae_edge::terminal::Escaped;
 
 use anyhow::Result;
 use candle_core::Device;
@@ -102,7 +103,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let c = &config;
     let g = |v: u64| format!("{:>10.4} G", v as f64 / 1e9);
     let mp = |v: u64| format!("{:>10.3} M", v as f64 / 1e6);
-    println!("{}  ({})", report.model, c.name);
+    println!("{}  ({})", Escaped(&report.model), Escaped(&c.name));
     println!(
         "  kind {:?}, input {}x{}x{}, {} classes{}",
         c.arch.kind,

@@ -4,6 +4,7 @@
 mod bench;
 mod classify;
 mod inspect;
+mod interrupt;
 mod stream;
 #[cfg(feature = "train")]
 mod train;
@@ -18,6 +19,7 @@ use clap::{Parser, Subcommand};
 use wae_edge::config::{preset, PRESETS};
 use wae_edge::device::{self, DeviceRequest};
 use wae_edge::profiles::Profile;
+use wae_edge::terminal::Escaped;
 use wae_edge::weights;
 
 /// The version and the git commit the binary was built from (`build.rs`).
@@ -50,13 +52,8 @@ pub struct Placement {
 impl Placement {
     /// Applies the profile's thread count and opens the device; says which on stderr.
     fn open(&self) -> Result<Device> {
+        // The profile's thread count was applied when the pool started (`Command::threads`).
         let profile = self.profile.as_deref().map(Profile::resolve).transpose()?;
-        if let Some(p) = &profile {
-            // Before any rayon pool exists; a user's own RAYON_NUM_THREADS wins.
-            if p.threads > 0 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
-                std::env::set_var("RAYON_NUM_THREADS", p.threads.to_string());
-            }
-        }
         let dev = match (self.device, &profile) {
             (Some(req), _) => device::select(req)?,
             (None, Some(p)) => p.device()?,
@@ -64,7 +61,7 @@ impl Placement {
         };
         let how = match (&profile, self.device) {
             (_, Some(r)) => format!("--device {r:?}").to_lowercase(),
-            (Some(p), None) => format!("profile {}", p.name),
+            (Some(p), None) => format!("profile {}", Escaped(&p.name)),
             (None, None) => "auto".into(),
         };
         eprintln!("device: {} ({how})", device::describe(&dev));
@@ -167,8 +164,64 @@ enum Command {
     },
 }
 
+/// An error and its causes as one line for a terminal: newlines and control characters in it
+/// (a file name, a label) are escaped, so it can neither span lines nor drive the terminal.
+pub fn one_line(e: &anyhow::Error) -> String {
+    wae_edge::terminal::escape(&format!("{e:#}")).into_owned()
+}
+
+/// clap parser for counts that must be at least 1 (`--top-k`, `--iters`, `--batch`).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The longest time a time flag takes, in seconds (a year): long enough for any run, short
+/// enough to be a `Duration`.
+const MAX_SECONDS: f64 = 365.0 * 86_400.0;
+
+/// clap parser for a number of seconds: positive, finite, at most a year.
+pub fn seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v > 0.0 && v <= MAX_SECONDS {
+        Ok(v)
+    } else {
+        Err(format!(
+            "must be a number of seconds above 0 and at most {MAX_SECONDS}"
+        ))
+    }
+}
+
+impl Command {
+    /// Threads the command line asks for: `bench --threads`, else a profile's, unless the
+    /// user's own `RAYON_NUM_THREADS` is set.
+    fn threads(&self) -> Result<Option<usize>> {
+        let placement = match self {
+            Command::Bench(a) if a.threads.is_some() => return Ok(a.threads),
+            Command::Bench(a) => &a.placement,
+            Command::Classify(a) => &a.placement,
+            Command::Stream(a) => &a.placement,
+            #[cfg(feature = "train")]
+            Command::Eval(a) => &a.placement,
+            _ => return Ok(None),
+        };
+        if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+            return Ok(None);
+        }
+        let profile = placement.profile.as_deref().map(Profile::resolve).transpose()?;
+        Ok(profile.map(|p| p.threads).filter(|&n| n > 0))
+    }
+}
+
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    interrupt::install();
+    // Before anything touches rayon, so that an impossible thread count is an error, not a
+    // panic on first use.
+    wae_edge::threads::init(cli.command.threads()?)?;
     match cli.command {
         Command::Classify(args) => classify::run(args),
         Command::Inspect(args) => inspect::run(args),
@@ -192,7 +245,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let params = weights::param_count(&weights::inference_tensors(&config));
             eprintln!(
                 "wrote {} ({name}, {params} inference parameters, UNTRAINED random weights)",
-                output.display()
+                Escaped(output.display())
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -223,7 +276,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 let path = output.join(format!("{stem}_{part}.png"));
                 wae_edge::atomic::write_png(&path, pic)
                     .with_context(|| format!("writing {}", path.display()))?;
-                println!("{}", path.display());
+                println!("{}", Escaped(path.display()));
             }
             eprintln!(
                 "I_L holds {:.1}% of the split's energy",
@@ -245,8 +298,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{dataset}: mean entropy {:.4} nats (std {:.4}, min {:.4}, max {:.4}) over {} training images; 8-bit bound ln 256 = {:.4}",
-                    r.mean_nats, r.std_nats, r.min_nats, r.max_nats, r.n, r.bound_nats
+                    "{}: mean entropy {:.4} nats (std {:.4}, min {:.4}, max {:.4}) over {} training images; 8-bit bound ln 256 = {:.4}",
+                    Escaped(&dataset),
+                    r.mean_nats,
+                    r.std_nats,
+                    r.min_nats,
+                    r.max_nats,
+                    r.n,
+                    r.bound_nats
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -258,7 +317,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("writing {}", output.display()))?;
             eprintln!(
                 "wrote {} ({} bytes, opset {})",
-                output.display(),
+                Escaped(output.display()),
                 bytes.len(),
                 wae_edge::onnx::OPSET
             );
@@ -273,9 +332,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             // The same engine `bench` times, so the peer check validates what is measured.
             let clf = wae_edge::Classifier::load(&model, &Device::Cpu)?;
             let i = clf.config().input;
-            let raw =
-                std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
             let per = 4 * i.channels * i.height * i.width;
+            // At most a few thousand inputs: a file is a batch to check, not a dataset.
+            let max = (per as u64 * 4096).min(1 << 30);
+            let raw = wae_edge::regular_file::read_bounded(&input, max)
+                .with_context(|| format!("reading {}", input.display()))?;
             if raw.is_empty() || raw.len() % per != 0 {
                 bail!(
                     "{}: {} bytes is not a whole number of {}x{}x{} f32 inputs",
@@ -324,7 +385,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             let test =
                 train::load_split(&dataset, wae_edge::dataset::Split::Test, clf.config().input)?;
-            let idx: Vec<usize> = (0..images.clamp(2, test.len())).collect();
+            let idx: Vec<usize> = (0..images.max(2).min(test.len())).collect();
             let xs = wae_edge::eval::batch_tensor(&clf, &test, &idx)?;
             for l in wae_edge::depth::analyse(net, &xs)? {
                 if json {
@@ -353,9 +414,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     };
                     println!(
                         "{:<18} {:<6} {}{built}",
-                        p.name,
+                        Escaped(&p.name),
                         format!("{:?}", p.device).to_lowercase(),
-                        p.description
+                        Escaped(&p.description)
                     );
                 }
             }

@@ -14,6 +14,7 @@ use serde_json::json;
 use wae_edge::pipeline::{run_stream, StreamOptions, StreamSummary, STAGES};
 use wae_edge::profiles::{PixelFormat, Profile};
 use wae_edge::sources::{open_source, SourceOptions};
+use wae_edge::terminal::Escaped;
 use wae_edge::Classifier;
 
 use super::{model_path, Placement};
@@ -28,7 +29,7 @@ pub struct Args {
     #[arg(long)]
     frames: Option<u64>,
     /// Stop after S seconds.
-    #[arg(long)]
+    #[arg(long, value_parser = super::seconds)]
     seconds: Option<f64>,
     /// One JSON object per frame, then a summary line.
     #[arg(long)]
@@ -40,11 +41,15 @@ pub struct Args {
     #[arg(long, default_value_t = 100)]
     save_every: u64,
     /// Classes per frame.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::at_least_one)]
     top_k: usize,
     /// Seconds without a frame before the stream fails as stalled.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = super::seconds)]
     timeout: f64,
+    /// Undecodable frames in a row that end the stream (or reopen the source, with
+    /// --reconnect); fewer are skipped and counted as bad_frames.
+    #[arg(long, default_value_t = wae_edge::pipeline::MAX_BAD_FRAMES as usize, value_parser = super::at_least_one)]
+    max_bad_frames: usize,
     /// Reopen a lost or stalled source with back-off instead of failing.
     #[arg(long)]
     reconnect: bool,
@@ -67,7 +72,7 @@ pub struct Args {
     #[arg(long)]
     fps: Option<u32>,
     #[command(flatten)]
-    placement: Placement,
+    pub(super) placement: Placement,
     /// /dev/videoN, v4l2:///dev/videoN, camera:N, a file, directory or glob, synthetic:WxH[@FPS][+N].
     source: String,
 }
@@ -78,13 +83,13 @@ fn summary_json(s: &StreamSummary) -> serde_json::Value {
         .iter()
         .map(|(k, v)| (k.to_string(), json!({"p50_ms": v.p50_ms, "p90_ms": v.p90_ms, "p99_ms": v.p99_ms, "mean_ms": v.mean_ms, "max_ms": v.max_ms})))
         .collect();
-    json!({"summary": {"frames": s.frames, "fps": s.fps, "dropped": s.dropped, "reconnects": s.reconnects, "stages": stages}})
+    json!({"summary": {"frames": s.frames, "fps": s.fps, "dropped": s.dropped, "bad_frames": s.bad_frames, "reconnects": s.reconnects, "stages": stages}})
 }
 
 fn print_table(s: &StreamSummary) {
     println!(
-        "{} frames, {:.1} fps, {} dropped, {} reconnects",
-        s.frames, s.fps, s.dropped, s.reconnects
+        "{} frames, {:.1} fps, {} dropped, {} bad, {} reconnects",
+        s.frames, s.fps, s.dropped, s.bad_frames, s.reconnects
     );
     println!(
         "  {:<13} {:>9} {:>9} {:>9} {:>9}",
@@ -112,7 +117,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if clf.config().untrained {
         eprintln!(
             "WARNING: {} is UNTRAINED (random weights): its labels are meaningless",
-            model.display()
+            Escaped(model.display())
         );
     }
     let mut camera = profile
@@ -136,16 +141,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // Ctrl-C ends the stream cleanly; the summary is still printed.
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed));
-    }
+    // Ctrl-C ends the stream cleanly; the summary is still printed. A second one exits.
+    super::interrupt::stop_with(stop.clone());
     let opts = StreamOptions {
+        max_bad_frames: u32::try_from(a.max_bad_frames).unwrap_or(u32::MAX),
         frames: a.frames,
         seconds: a.seconds,
-        timeout: Duration::from_secs_f64(a.timeout.max(0.01)),
-        top_k: a.top_k.clamp(1, clf.config().classes),
+        timeout: Duration::from_secs_f64(a.timeout),
+        top_k: a.top_k.min(clf.config().classes),
         reconnect: a.reconnect,
         scaled_decode: !a.full_decode,
         overlap: None,
@@ -160,7 +163,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         || {
             let s = open_source(&uri, &src_opts)?;
             if !described {
-                eprintln!("source: {}", s.describe());
+                eprintln!("source: {}", Escaped(s.describe()));
                 described = true;
             }
             Ok(s)
@@ -181,7 +184,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                     "\r{fps:8.1} fps | frame {:>7} | {:>6.2}% {:<14}",
                     r.frame,
                     best.score * 100.0,
-                    best.label
+                    Escaped(&best.label)
                 );
             }
             classified += 1;

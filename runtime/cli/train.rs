@@ -12,6 +12,7 @@ use wae_edge::config::{preset, ArchKind, PRESETS};
 use wae_edge::dataset::{self, Dataset, Split};
 use wae_edge::device::{self, DeviceRequest};
 use wae_edge::eval::evaluate;
+use wae_edge::terminal::Escaped;
 use wae_edge::train::{self, TrainOptions};
 use wae_edge::{weights, Classifier};
 
@@ -71,7 +72,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.001)]
     gamma: f64,
     /// Batch size.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = super::at_least_one)]
     batch: usize,
     /// Peak learning rate (cosine decay per stage).
     #[arg(long, default_value_t = 2e-3)]
@@ -116,10 +117,10 @@ pub struct EvalArgs {
     #[arg(long)]
     json: bool,
     /// Images per batch.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::at_least_one)]
     batch: usize,
     #[command(flatten)]
-    placement: Placement,
+    pub(super) placement: Placement,
 }
 
 /// The dataset directory for a `--dataset` value.
@@ -263,7 +264,7 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
     weights::save(&export, &config, &report.tensors)?;
     eprintln!(
         "wrote {}: test accuracy {:.4} on {} images",
-        export.display(),
+        Escaped(export.display()),
         eval.accuracy,
         eval.n
     );
@@ -285,12 +286,12 @@ pub fn run_eval(a: EvalArgs) -> Result<ExitCode> {
     }
     println!(
         "{}: accuracy {:.4} on {} test images",
-        model.display(),
+        Escaped(model.display()),
         r.accuracy,
         r.n
     );
     for (c, acc) in r.per_class.iter().enumerate() {
-        println!("  {:>2} {:<12} {:.4}", c, r.labels[c], acc);
+        println!("  {:>2} {:<12} {:.4}", c, Escaped(&r.labels[c]), acc);
     }
     println!("confusion (rows: true, columns: predicted)");
     for row in &r.confusion {

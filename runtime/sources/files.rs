@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use super::{Frame, FrameSource, SourceError};
 use crate::decode::FrameData;
+use crate::preprocess::MAX_IMAGE_BYTES;
 
 /// Reads the listed files in order.
 pub struct FileSource {
@@ -37,9 +38,11 @@ impl FrameSource for FileSource {
         }
         let path = self.paths[self.next].clone();
         self.next += 1;
-        let bytes = std::fs::read(&path).map_err(|cause| SourceError::Io {
-            path: path.clone(),
-            cause,
+        let bytes = crate::regular_file::read_bounded(&path, MAX_IMAGE_BYTES).map_err(|cause| {
+            SourceError::Io {
+                path: path.clone(),
+                cause,
+            }
         })?;
         let f = Frame {
             index: self.index,

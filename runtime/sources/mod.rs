@@ -44,6 +44,10 @@ pub enum SourceError {
         /// What is wrong.
         reason: String,
     },
+    /// A URI scheme no source of this build reads (the URI itself is not repeated: it may hold
+    /// credentials).
+    #[error("{0}:// sources are not supported by this build; it reads {SUPPORTED}")]
+    UnsupportedScheme(String),
     /// A camera URI in a build without the `camera` feature.
     #[error("`{0}` is a camera, but this build has no camera support; rebuild with `cargo build --release --features camera`")]
     NoCameraSupport(String),
@@ -110,8 +114,25 @@ pub fn camera_index(uri: &str) -> Option<u32> {
     uri.strip_prefix("camera:").and_then(|n| n.parse().ok())
 }
 
+/// The sources this build reads, for messages.
+pub const SUPPORTED: &str = "/dev/videoN, v4l2:///dev/videoN, camera:N, synthetic:WxH[@FPS][+N], synthetic-mjpeg:WxH[@FPS][+N], image files, directories and globs";
+
+/// The scheme of a `scheme://...` URI that no source of this build reads (anything but
+/// `v4l2://`), if `uri` is one.
+pub fn unsupported_scheme(uri: &str) -> Option<&str> {
+    let (scheme, _) = uri.split_once("://")?;
+    let looks_like_scheme = !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    (looks_like_scheme && scheme != "v4l2").then_some(scheme)
+}
+
 /// Opens a source from a URI.
 pub fn open_source(uri: &str, opts: &SourceOptions) -> Result<Box<dyn FrameSource>, SourceError> {
+    if let Some(scheme) = unsupported_scheme(uri) {
+        return Err(SourceError::UnsupportedScheme(scheme.into()));
+    }
     if let Some(spec) = uri.strip_prefix("synthetic-mjpeg:") {
         let s = SyntheticSource::parse(spec).map_err(|reason| SourceError::BadUri {
             uri: uri.into(),
@@ -141,7 +162,7 @@ pub fn open_source(uri: &str, opts: &SourceOptions) -> Result<Box<dyn FrameSourc
 }
 
 /// Extensions taken from a directory (explicit files are decoded whatever their name).
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// Why an input argument gives no images.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +170,13 @@ pub enum InputError {
     /// Not a file, not a directory, no glob match.
     #[error("{}: no such file or directory", .0.display())]
     NotFound(PathBuf),
+    /// A directory without a single image to read.
+    #[error("{}: no {} files in this directory", .0.display(), IMAGE_EXTENSIONS.map(|e| format!(".{e}")).join(", "))]
+    NoImages(PathBuf),
+    /// A `scheme://` URI where files are expected (the URI is not repeated: it may hold
+    /// credentials).
+    #[error("{0}:// is not a file; this command reads image files, directories and globs")]
+    Uri(String),
     /// A glob that matched nothing.
     #[error("{0}: no files match this pattern")]
     NoMatch(String),
@@ -175,6 +203,9 @@ fn is_image(path: &Path) -> bool {
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
     let mut out = Vec::new();
     for input in inputs {
+        if let Some(scheme) = input.to_str().and_then(unsupported_scheme) {
+            return Err(InputError::Uri(scheme.into()));
+        }
         if input.is_dir() {
             let io = |cause| InputError::Io {
                 path: input.clone(),
@@ -186,6 +217,9 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
                 if path.is_file() && is_image(&path) {
                     found.push(path);
                 }
+            }
+            if found.is_empty() {
+                return Err(InputError::NoImages(input.clone()));
             }
             found.sort();
             out.extend(found);

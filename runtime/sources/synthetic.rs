@@ -24,8 +24,13 @@ pub struct SyntheticSource {
     ring: Vec<RgbImage>,
 }
 
-/// Frames in the pre-rendered and pre-encoded rings.
-const MJPEG_RING: u64 = 16;
+/// Frames in the pre-rendered and pre-encoded rings, at most.
+const RING: u64 = 16;
+/// Bytes the pre-rendered ring may hold: large frames get fewer ring slots (at least 2).
+const RING_BYTES: u64 = 128 << 20;
+/// The largest side of a synthetic frame: a 4096x4096 frame is 48 MiB, so the ring, the
+/// background and a frame in flight stay within a few hundred MiB.
+pub const MAX_SIDE: u32 = 4096;
 
 impl SyntheticSource {
     /// A source of `width` x `height` frames, unpaced and endless.
@@ -48,7 +53,9 @@ impl SyntheticSource {
     }
 
     fn with_ring(mut self) -> Self {
-        self.ring = (0..MJPEG_RING).map(|i| self.render(i)).collect();
+        let frame = u64::from(self.background.width()) * u64::from(self.background.height()) * 3;
+        let slots = (RING_BYTES / frame.max(1)).clamp(2, RING);
+        self.ring = (0..slots).map(|i| self.render(i)).collect();
         self
     }
 
@@ -77,8 +84,8 @@ impl SyntheticSource {
         let parse = |v: &str| {
             v.parse::<u32>()
                 .ok()
-                .filter(|n| (8..=8192).contains(n))
-                .ok_or_else(|| format!("side `{v}` not in 8..=8192"))
+                .filter(|n| (8..=MAX_SIDE).contains(n))
+                .ok_or_else(|| format!("side `{v}` not in 8..={MAX_SIDE}"))
         };
         let mut s = SyntheticSource::new(parse(w)?, parse(h)?);
         if let Some(f) = fps {
@@ -93,11 +100,13 @@ impl SyntheticSource {
 
     /// Switches to Motion-JPEG output (quality 85), pre-encoding a ring of frames.
     pub fn into_mjpeg(mut self) -> Self {
-        self.mjpeg = (0..MJPEG_RING)
-            .map(|i| {
+        self.mjpeg = self
+            .ring
+            .iter()
+            .map(|frame| {
                 let mut out = Vec::new();
                 image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
-                    .encode_image(&self.ring[i as usize])
+                    .encode_image(frame)
                     .expect("encoding to memory");
                 out
             })
@@ -141,9 +150,9 @@ impl FrameSource for SyntheticSource {
             self.next_due = Some(due.max(Instant::now() - p) + p);
         }
         let data = if self.mjpeg.is_empty() {
-            FrameData::Rgb(self.ring[(self.index % MJPEG_RING) as usize].clone())
+            FrameData::Rgb(self.ring[(self.index % self.ring.len() as u64) as usize].clone())
         } else {
-            FrameData::Mjpeg(self.mjpeg[(self.index % MJPEG_RING) as usize].clone())
+            FrameData::Mjpeg(self.mjpeg[(self.index % self.mjpeg.len() as u64) as usize].clone())
         };
         let f = Frame {
             index: self.index,

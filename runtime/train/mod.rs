@@ -168,8 +168,9 @@ pub fn train(
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut state = if resume && run.state().exists() {
-        let s: RunState = serde_json::from_str(&std::fs::read_to_string(run.state())?)
-            .context("reading run state")?;
+        let text = crate::regular_file::read_bounded(&run.state(), 64 << 20)
+            .with_context(|| format!("reading {}", run.state().display()))?;
+        let s: RunState = serde_json::from_slice(&text).context("reading run state")?;
         if s.options != *options {
             bail!("{}: the run was started with other options; resume with the same flags or use a new --out", run.state().display());
         }
@@ -200,7 +201,11 @@ pub fn train(
     if !state.done.is_empty() {
         vm.load(run.checkpoint())
             .with_context(|| format!("loading {}", run.checkpoint().display()))?;
-        eprintln!("resuming {} after {:?}", dir.display(), state.done.last());
+        eprintln!(
+            "resuming {} after {:?}",
+            crate::terminal::Escaped(dir.display()),
+            state.done.last()
+        );
     }
     let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
     let nets = Nets {
