@@ -19,6 +19,7 @@ pub mod depth;
 pub mod device;
 pub mod entropy;
 pub mod eval;
+pub mod guarded_map;
 pub mod init;
 pub mod mjpeg;
 pub mod model;

@@ -419,9 +419,9 @@ pub fn run_stream(
         };
         match run.source(source, &mut tally, &mut backoff, &mut on_frame) {
             Ok(()) => break,
-            Err(StreamError::Source(_) | StreamError::Stalled(_) | StreamError::BadFrames { .. })
-                if opts.reconnect && !stop.load(Ordering::Relaxed) =>
-            {
+            Err(
+                StreamError::Source(_) | StreamError::Stalled(_) | StreamError::BadFrames { .. },
+            ) if opts.reconnect && !stop.load(Ordering::Relaxed) => {
                 backoff.wait(format_args!("source lost after {} frames", tally.frames));
                 tally.reconnects += 1;
             }

@@ -66,7 +66,10 @@ impl Preparer<'_> {
             };
             self.bad_run.store(0, Ordering::Relaxed);
             let t2 = Instant::now();
-            let input = self.clf.preprocessor().to_tensor(&image, self.clf.device())?;
+            let input = self
+                .clf
+                .preprocessor()
+                .to_tensor(&image, self.clf.device())?;
             return Ok(Some(Prepared {
                 index: frame.index,
                 image,
@@ -105,7 +108,10 @@ impl Preparer<'_> {
         let total = self.bad.fetch_add(1, Ordering::Relaxed) + 1;
         let run = self.bad_run.fetch_add(1, Ordering::Relaxed) + 1;
         if run >= self.max_bad {
-            return Err(StreamError::BadFrames { count: run, last: e });
+            return Err(StreamError::BadFrames {
+                count: run,
+                last: e,
+            });
         }
         if total <= 3 || total.is_multiple_of(100) {
             eprintln!(

@@ -44,16 +44,16 @@ pub fn init(requested: Option<usize>) -> Result<usize, ThreadsError> {
         }
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let n = requested
-        .or(from_env)
-        .filter(|&n| n > 0)
-        .unwrap_or(cores);
+    let n = requested.or(from_env).filter(|&n| n > 0).unwrap_or(cores);
     if n > MAX_THREADS {
         return Err(ThreadsError::TooMany(n));
     }
     // candle sizes its own work from the same variable.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let n = match rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+    let n = match rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+    {
         Ok(()) => n,
         // Only an OS error has a source; without one, the pool existed already (a library
         // caller built it): keep it.

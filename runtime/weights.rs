@@ -5,7 +5,9 @@
 //! the file) and only then builds the network. Candle copies each requested tensor out of the
 //! mapping into its own storage (converted to f32 on the CPU), so the mapping is dropped after the
 //! build: the mmap saves the read buffer and makes loading lazy per tensor, it is not zero-copy.
-//! Decoder tensors are never requested, so their bytes are never read.
+//! Decoder tensors are never requested, so their bytes are never read. A file cut short while
+//! it is being read (an update rewriting it in place) is an error, not a crash
+//! ([`crate::guarded_map`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,15 +16,21 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::{ConfigError, ModelConfig, CONFIG_KEY};
+use crate::guarded_map::GuardedMap;
 use crate::model::{Decoder, WaeNet};
 
 /// Why a model file cannot be used. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
+    /// The file shrank while it was being read.
+    #[error("{}: the file was cut short while it was being read (is something rewriting it in place? write a new file and rename it over the old one instead)", path.display())]
+    Changed {
+        /// The model file.
+        path: PathBuf,
+    },
     /// The file cannot be opened or read.
     #[error("{}: {cause}", path.display())]
     Io {
@@ -191,7 +199,7 @@ pub fn compute_dtype(device: &Device) -> DType {
 /// A validated, memory-mapped model file.
 pub struct ModelFile {
     path: PathBuf,
-    mmap: Mmap,
+    map: GuardedMap,
     config: ModelConfig,
 }
 
@@ -209,13 +217,12 @@ impl ModelFile {
         if len == 0 {
             return Err(WeightsError::Empty { path });
         }
-        // SAFETY: the mapping is read-only and lives only while the network is built; a file
-        // truncated underneath us by another process could fault, as with any mmap reader.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let (_, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| WeightsError::Format {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let map = GuardedMap::new(&file).map_err(io)?;
+        let (_, meta) =
+            SafeTensors::read_metadata(map.bytes()).map_err(|e| WeightsError::Format {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         let json = meta
             .metadata()
             .as_ref()
@@ -230,8 +237,23 @@ impl ModelFile {
             path: path.clone(),
             cause,
         })?;
-        check_tensors(&mmap, &inference_tensors(&config), &path)?;
-        Ok(ModelFile { path, mmap, config })
+        let file = ModelFile { path, map, config };
+        file.intact(check_tensors(
+            file.map.bytes(),
+            &inference_tensors(&file.config),
+            &file.path,
+        ))?;
+        Ok(file)
+    }
+
+    /// `result`, unless the file shrank while it was read: then what was read is not the file.
+    fn intact<T>(&self, result: Result<T, WeightsError>) -> Result<T, WeightsError> {
+        if self.map.damaged() {
+            return Err(WeightsError::Changed {
+                path: self.path.clone(),
+            });
+        }
+        result
     }
 
     /// The model's config.
@@ -246,12 +268,12 @@ impl ModelFile {
 
     /// Size of the file in bytes.
     pub fn len(&self) -> usize {
-        self.mmap.len()
+        self.map.bytes().len()
     }
 
     /// True for an empty mapping (never, once opened).
     pub fn is_empty(&self) -> bool {
-        self.mmap.is_empty()
+        self.map.bytes().is_empty()
     }
 
     /// One tensor's shape and values, f16 -> f32 (for exporters).
@@ -262,7 +284,11 @@ impl ModelFile {
 
     /// One tensor's shape and its stored f16 values.
     pub fn tensor_f16(&self, name: &str) -> Result<(Vec<usize>, Vec<half::f16>), WeightsError> {
-        let st = SafeTensors::deserialize(&self.mmap).map_err(|e| WeightsError::Format {
+        self.intact(self.read_f16(name))
+    }
+
+    fn read_f16(&self, name: &str) -> Result<(Vec<usize>, Vec<half::f16>), WeightsError> {
+        let st = SafeTensors::deserialize(self.map.bytes()).map_err(|e| WeightsError::Format {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
@@ -294,15 +320,23 @@ impl ModelFile {
                 name: "decoder.* (this kind has no I_H)".into(),
             });
         }
-        check_tensors(&self.mmap, &decoder_tensors(&self.config), &self.path)?;
+        self.intact(check_tensors(
+            self.map.bytes(),
+            &decoder_tensors(&self.config),
+            &self.path,
+        ))?;
         let candle = |cause| WeightsError::Candle {
             path: self.path.clone(),
             cause,
         };
-        let vb = VarBuilder::from_slice_safetensors(&self.mmap, compute_dtype(device), device)
-            .map_err(candle)?;
-        let dec = Decoder::new(&self.config, vb.pp("decoder")).map_err(candle)?;
-        Ok((WaeNet::new(&self.config, vb).map_err(candle)?, dec))
+        let built = || {
+            let vb =
+                VarBuilder::from_slice_safetensors(self.map.bytes(), compute_dtype(device), device)
+                    .map_err(candle)?;
+            let dec = Decoder::new(&self.config, vb.pp("decoder")).map_err(candle)?;
+            Ok((WaeNet::new(&self.config, vb).map_err(candle)?, dec))
+        };
+        self.intact(built())
     }
 
     /// Builds the inference network on `device` (f32 on CPU, f16 on GPUs) and drops the mapping.
@@ -311,9 +345,13 @@ impl ModelFile {
             path: self.path.clone(),
             cause,
         };
-        let vb = VarBuilder::from_slice_safetensors(&self.mmap, compute_dtype(device), device)
-            .map_err(candle)?;
-        WaeNet::new(&self.config, vb).map_err(candle)
+        let built = || {
+            let vb =
+                VarBuilder::from_slice_safetensors(self.map.bytes(), compute_dtype(device), device)
+                    .map_err(candle)?;
+            WaeNet::new(&self.config, vb).map_err(candle)
+        };
+        self.intact(built())
     }
 }
 

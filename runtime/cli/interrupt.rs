@@ -22,7 +22,11 @@ pub fn stop_with(flag: Arc<AtomicBool>) {
 
 /// Runs on ctrlc's own thread, not in signal context, so it may lock and remove files.
 fn on_signal() {
-    if let Some(flag) = GRACEFUL.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+    if let Some(flag) = GRACEFUL
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+    {
         if !flag.swap(true, Ordering::Relaxed) {
             return;
         }

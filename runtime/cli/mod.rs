@@ -211,7 +211,11 @@ impl Command {
         if std::env::var_os("RAYON_NUM_THREADS").is_some() {
             return Ok(None);
         }
-        let profile = placement.profile.as_deref().map(Profile::resolve).transpose()?;
+        let profile = placement
+            .profile
+            .as_deref()
+            .map(Profile::resolve)
+            .transpose()?;
         Ok(profile.map(|p| p.threads).filter(|&n| n > 0))
     }
 }
