@@ -140,3 +140,30 @@ pub fn with_nan(raws: &[(String, Raw)], pick: impl Fn(&str) -> bool) -> Vec<(Str
         })
         .collect()
 }
+
+/// A PNG whose header claims `width` x `height` pixels of `depth` bits in color type `color`
+/// (0 gray, 2 RGB, 6 RGBA), with almost no data: decoders that trust the header before
+/// checking it would allocate the whole claim.
+pub fn png_header(width: u32, height: u32, depth: u8, color: u8) -> Vec<u8> {
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        let mut h = crc32fast::Hasher::new();
+        h.update(kind);
+        h.update(data);
+        c.extend_from_slice(&h.finalize().to_be_bytes());
+        c
+    };
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[depth, color, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
