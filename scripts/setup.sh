@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks for wae-edge: the Fashion-MNIST dataset (training,
-# eval, tests) and libclang (the `camera` feature's V4L2 bindings). Safe to run again.
+# eval, tests), libclang (the `camera` feature's V4L2 bindings), and for the aarch64 check
+# (scripts/arm_check.sh) the cross compiler, its C library and qemu-user. Safe to run again.
 set -euo pipefail
 need=()
-for pkg in dataset-fashion-mnist libclang-dev; do
+for pkg in dataset-fashion-mnist libclang-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user python3; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -14,3 +15,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust >= 1.94 with rustup" >&2; exit 1; }
+# The aarch64 standard library, for scripts/arm_check.sh.
+if command -v rustup >/dev/null; then
+  rustup target list --installed | grep -qx aarch64-unknown-linux-gnu || rustup target add aarch64-unknown-linux-gnu >/dev/null
+fi

@@ -930,8 +930,9 @@ impl WithSimd for Products<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        // P tiles x V vectors of accumulators: about 16 of AVX-512's 32 registers, or 8 of the
-        // 16 that AVX2 and NEON have, leaving room for the weights and the broadcast.
+        // P tiles x V vectors of accumulators: about 16 of AVX-512's 32 vector registers, or 8
+        // where vectors are narrower: AVX2's 16 registers, and NEON's 4-lane ones (aarch64 has
+        // 32 of them, so NEON could hold more; that is tuning for real hardware, not qemu).
         let vecs = (self.wg.cols / S::F32_LANES).clamp(1, 4);
         match (S::F32_LANES >= 16, vecs) {
             (true, 4) => products::<S, 4, 4>(simd, self),
