@@ -21,20 +21,22 @@ pub fn remove_pending() -> usize {
         .count()
 }
 
-/// Keeps a temporary file's path in [`PENDING`] while it lives.
-struct Registered(PathBuf);
+/// Keeps a temporary file's path among those [`remove_pending`] removes, while it lives: for
+/// writers that make their own temporary files (a video being muxed).
+pub struct Pending(PathBuf);
 
-impl Registered {
-    fn new(path: &Path) -> Registered {
+impl Pending {
+    /// Registers `path` until the returned guard is dropped.
+    pub fn new(path: &Path) -> Pending {
         PENDING
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(path.to_path_buf());
-        Registered(path.to_path_buf())
+        Pending(path.to_path_buf())
     }
 }
 
-impl Drop for Registered {
+impl Drop for Pending {
     fn drop(&mut self) {
         PENDING
             .lock()
@@ -70,7 +72,7 @@ pub fn write_with(
         .prefix(".wae-edge-")
         .suffix(".tmp")
         .tempfile_in(dir)?;
-    let _registered = Registered::new(tmp.path());
+    let _pending = Pending::new(tmp.path());
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
         fill(&mut w)?;

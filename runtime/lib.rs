@@ -36,6 +36,8 @@ pub mod terminal;
 pub mod threads;
 #[cfg(feature = "train")]
 pub mod train;
+#[cfg(all(feature = "gstreamer", target_os = "linux"))]
+pub mod video_out;
 pub mod weights;
 
 pub use classifier::{Classifier, Prediction};

@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks for wae-edge: the Fashion-MNIST dataset (training,
-# eval, tests), libclang (the `camera` feature's V4L2 bindings), and for the aarch64 check
-# (scripts/arm_check.sh) the cross compiler, its C library and qemu-user. Safe to run again.
+# eval, tests), libclang (the `camera` feature's V4L2 bindings), GStreamer's development files
+# and plugins (the `gstreamer` feature: video files, RTSP, `--output`; the tests make clips
+# with gst-launch-1.0, serve RTSP from Python and read videos back with gst-discoverer-1.0),
+# and for the aarch64 check (scripts/arm_check.sh) the cross compiler, its C library and
+# qemu-user. Safe to run again.
 set -euo pipefail
 need=()
-for pkg in dataset-fashion-mnist libclang-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user python3; do
+packages=(
+  dataset-fashion-mnist libclang-dev
+  libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
+  gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
+  gstreamer1.0-tools gstreamer1.0-plugins-base-apps gir1.2-gst-rtsp-server-1.0 python3-gi
+  gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user python3
+)
+for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use wae_edge::pipeline::{run_stream, StreamOptions, StreamSummary, STAGES};
 use wae_edge::profiles::{PixelFormat, Profile};
-use wae_edge::sources::{open_source, SourceOptions};
+use wae_edge::sources::{open_source, RtspTransport, SourceOptions};
 use wae_edge::terminal::Escaped;
 use wae_edge::Classifier;
 
@@ -50,6 +50,16 @@ pub struct Args {
     /// --reconnect); fewer are skipped and counted as bad_frames.
     #[arg(long, default_value_t = wae_edge::pipeline::MAX_BAD_FRAMES as usize, value_parser = super::at_least_one)]
     max_bad_frames: usize,
+    /// Write the annotated frames as H.264 video (.mp4 or .mkv), finished on end of stream and
+    /// on Ctrl-C (feature `gstreamer`).
+    #[arg(long, value_name = "FILE.mp4")]
+    output: Option<PathBuf>,
+    /// Frame rate recorded in --output.
+    #[arg(long, default_value_t = 30, value_parser = super::at_least_one)]
+    output_fps: usize,
+    /// How RTSP sources are carried.
+    #[arg(long, value_enum, default_value = "tcp")]
+    rtsp_transport: RtspTransport,
     /// Reopen a lost or stalled source with back-off instead of failing.
     #[arg(long)]
     reconnect: bool,
@@ -136,7 +146,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let src_opts = SourceOptions {
         camera,
         looped: a.looped,
+        rtsp_transport: a.rtsp_transport,
+        timeout: Duration::from_secs_f64(a.timeout),
     };
+    let mut video = a
+        .output
+        .as_deref()
+        .map(|p| VideoOut::new(p, a.output_fps))
+        .transpose()?;
     if let Some(dir) = &a.save {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -188,16 +205,15 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 );
             }
             classified += 1;
+            if let Some(v) = video.as_mut().filter(|_| save_error.is_none()) {
+                if let Err(e) = v.push(&annotated(img, &r.top[0])) {
+                    stop.store(true, Ordering::Relaxed);
+                    save_error = Some(e);
+                }
+            }
             if let Some(dir) = &a.save {
                 if (classified - 1).is_multiple_of(a.save_every.max(1)) && save_error.is_none() {
-                    let mut rgb = img.to_rgb8();
-                    let best = &r.top[0];
-                    let scale = (rgb.height() / 120).max(1);
-                    wae_edge::overlay::annotate(
-                        &mut rgb,
-                        &format!("{:.1}% {}", best.score * 100.0, best.label),
-                        scale,
-                    );
+                    let rgb = annotated(img, &r.top[0]);
                     let path = dir.join(format!("frame_{:06}.png", r.frame));
                     let res =
                         wae_edge::atomic::write_png(&path, &image::DynamicImage::ImageRgb8(rgb))
@@ -217,10 +233,88 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(e) = save_error {
         return Err(e);
     }
+    if let Some(v) = video {
+        v.finish()?;
+    }
     if a.json {
         println!("{}", summary_json(&summary));
     } else {
         print_table(&summary);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The frame with its top class drawn on it, as `--save` and `--output` write it.
+fn annotated(img: &image::DynamicImage, best: &wae_edge::Prediction) -> image::RgbImage {
+    let mut rgb = img.to_rgb8();
+    let scale = (rgb.height() / 120).max(1);
+    wae_edge::overlay::annotate(
+        &mut rgb,
+        &format!("{:.1}% {}", best.score * 100.0, best.label),
+        scale,
+    );
+    rgb
+}
+
+/// `--output`: the video is started at the first frame's size. (Without GStreamer it cannot be
+/// made, so its fields go unread.)
+#[cfg_attr(not(all(feature = "gstreamer", target_os = "linux")), allow(dead_code))]
+struct VideoOut {
+    path: PathBuf,
+    fps: u32,
+    #[cfg(all(feature = "gstreamer", target_os = "linux"))]
+    writer: Option<wae_edge::video_out::VideoWriter>,
+}
+
+impl VideoOut {
+    #[cfg(all(feature = "gstreamer", target_os = "linux"))]
+    fn new(path: &std::path::Path, fps: usize) -> Result<VideoOut> {
+        wae_edge::video_out::muxer(path)?;
+        Ok(VideoOut {
+            path: path.into(),
+            fps: u32::try_from(fps).unwrap_or(u32::MAX).min(1000),
+            writer: None,
+        })
+    }
+
+    #[cfg(not(all(feature = "gstreamer", target_os = "linux")))]
+    fn new(path: &std::path::Path, _: usize) -> Result<VideoOut> {
+        anyhow::bail!(
+            "{}: --output writes video through GStreamer, which this build lacks; rebuild with `cargo build --release --features gstreamer` (Linux)",
+            path.display()
+        )
+    }
+
+    #[cfg(all(feature = "gstreamer", target_os = "linux"))]
+    fn push(&mut self, frame: &image::RgbImage) -> Result<()> {
+        if self.writer.is_none() {
+            self.writer = Some(wae_edge::video_out::VideoWriter::create(
+                &self.path,
+                frame.width(),
+                frame.height(),
+                self.fps,
+            )?);
+        }
+        self.writer.as_mut().expect("created above").push(frame)?;
+        Ok(())
+    }
+
+    #[cfg(not(all(feature = "gstreamer", target_os = "linux")))]
+    fn push(&mut self, _: &image::RgbImage) -> Result<()> {
+        Ok(())
+    }
+
+    /// Finishes the file; a run that classified nothing writes none.
+    fn finish(self) -> Result<()> {
+        #[cfg(all(feature = "gstreamer", target_os = "linux"))]
+        if let Some(w) = self.writer {
+            let frames = w.finish()?;
+            eprintln!(
+                "wrote {} ({frames} frames at {} fps)",
+                Escaped(self.path.display()),
+                self.fps
+            );
+        }
+        Ok(())
+    }
 }

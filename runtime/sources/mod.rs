@@ -6,10 +6,12 @@
 #[cfg(feature = "camera")]
 mod camera;
 mod files;
+#[cfg(all(feature = "gstreamer", target_os = "linux"))]
+pub mod gst;
 mod synthetic;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use files::FileSource;
 pub use synthetic::SyntheticSource;
@@ -59,6 +61,15 @@ pub enum SourceError {
         /// Back-end message.
         reason: String,
     },
+    /// A GStreamer source failed: the pipeline would not build or start, or an element
+    /// reported an error (a missing plugin, an unreachable host, a corrupt file).
+    #[error("{source_name}: {reason}")]
+    Gstreamer {
+        /// The source, credentials removed.
+        source_name: String,
+        /// The element that failed and why.
+        reason: String,
+    },
     /// A file could not be read.
     #[error("{}: {cause}", path.display())]
     Io {
@@ -87,8 +98,22 @@ pub trait FrameSource: Send {
 pub struct SourceOptions {
     /// Camera request (from the profile or flags).
     pub camera: CameraRequest,
-    /// Restart file lists at the end.
+    /// Restart file lists (and video files) at the end.
     pub looped: bool,
+    /// How RTSP streams are carried.
+    pub rtsp_transport: RtspTransport,
+    /// How long a source may deliver nothing before it is given up (the stream's stall timeout).
+    pub timeout: Duration,
+}
+
+/// RTSP over TCP (interleaved) or UDP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RtspTransport {
+    /// Interleaved in the RTSP connection: works through NAT and firewalls.
+    #[default]
+    Tcp,
+    /// Separate UDP ports: lower latency on a clean LAN.
+    Udp,
 }
 
 impl Default for SourceOptions {
@@ -101,6 +126,8 @@ impl Default for SourceOptions {
                 fps: 30,
             },
             looped: false,
+            rtsp_transport: RtspTransport::Tcp,
+            timeout: Duration::from_secs(5),
         }
     }
 }
@@ -114,18 +141,37 @@ pub fn camera_index(uri: &str) -> Option<u32> {
     uri.strip_prefix("camera:").and_then(|n| n.parse().ok())
 }
 
-/// The sources this build reads, for messages.
-pub const SUPPORTED: &str = "/dev/videoN, v4l2:///dev/videoN, camera:N, synthetic:WxH[@FPS][+N], synthetic-mjpeg:WxH[@FPS][+N], image files, directories and globs";
+/// Whether this build reads sources through GStreamer.
+pub const GSTREAMER: bool = cfg!(all(feature = "gstreamer", target_os = "linux"));
 
-/// The scheme of a `scheme://...` URI that no source of this build reads (anything but
-/// `v4l2://`), if `uri` is one.
-pub fn unsupported_scheme(uri: &str) -> Option<&str> {
+/// The sources this build reads, for messages.
+pub const SUPPORTED: &str = if GSTREAMER {
+    "/dev/videoN, v4l2:///dev/videoN, camera:N, csi://N, rtsp://, video files (.mp4 .mkv .avi .mov .webm .m4v) and file://, gst:PIPELINE, synthetic:WxH[@FPS][+N], synthetic-mjpeg:WxH[@FPS][+N], image files, directories and globs"
+} else {
+    "/dev/videoN, v4l2:///dev/videoN, camera:N, synthetic:WxH[@FPS][+N], synthetic-mjpeg:WxH[@FPS][+N], image files, directories and globs (build with the `gstreamer` feature for csi://, rtsp://, video files and gst: pipelines)"
+};
+
+/// Schemes this build's stream sources read.
+const SCHEMES: &[&str] = if GSTREAMER {
+    &["v4l2", "csi", "rtsp", "rtsps", "file"]
+} else {
+    &["v4l2"]
+};
+
+/// The scheme of a `scheme://...` URI, if `uri` is one.
+pub fn uri_scheme(uri: &str) -> Option<&str> {
     let (scheme, _) = uri.split_once("://")?;
-    let looks_like_scheme = !scheme.is_empty()
+    (!scheme.is_empty()
         && scheme
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    (looks_like_scheme && scheme != "v4l2").then_some(scheme)
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+    .then_some(scheme)
+}
+
+/// The scheme of a `scheme://...` URI that no stream source of this build reads, if `uri` is
+/// one.
+pub fn unsupported_scheme(uri: &str) -> Option<&str> {
+    uri_scheme(uri).filter(|s| !SCHEMES.contains(s))
 }
 
 /// Opens a source from a URI.
@@ -147,6 +193,16 @@ pub fn open_source(uri: &str, opts: &SourceOptions) -> Result<Box<dyn FrameSourc
                 reason,
             },
         )?));
+    }
+    #[cfg(all(feature = "gstreamer", target_os = "linux"))]
+    if let Some(g) = gst::parse_uri(uri)? {
+        // A file:// URI of an image is an image file.
+        match g {
+            gst::GstUri::File(ref p) if is_image(p) => {
+                return Ok(Box::new(FileSource::new(vec![p.clone()], opts.looped)))
+            }
+            g => return Ok(Box::new(gst::GstSource::open(&g, opts)?)),
+        }
     }
     if let Some(index) = camera_index(uri) {
         #[cfg(feature = "camera")]
@@ -203,7 +259,7 @@ fn is_image(path: &Path) -> bool {
 pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, InputError> {
     let mut out = Vec::new();
     for input in inputs {
-        if let Some(scheme) = input.to_str().and_then(unsupported_scheme) {
+        if let Some(scheme) = input.to_str().and_then(uri_scheme) {
             return Err(InputError::Uri(scheme.into()));
         }
         if input.is_dir() {
