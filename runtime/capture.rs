@@ -154,6 +154,7 @@ mod tests {
         Frame {
             index: i,
             captured: Instant::now(),
+            pts: None,
             data: FrameData::Encoded(vec![0u8; 1024]),
             name: "t".into(),
         }

@@ -88,6 +88,10 @@ pub struct FrameResult {
     pub frame: u64,
     /// Milliseconds since the stream started.
     pub t_ms: f64,
+    /// The frame's timestamp in its source (a video's position), in milliseconds, where the
+    /// source has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pts_ms: Option<f64>,
     /// Ranked classes.
     pub top: Vec<Prediction>,
     /// Time per stage.
@@ -209,6 +213,7 @@ impl Tally {
         let r = FrameResult {
             frame: p.index,
             t_ms: ms(done - self.start),
+            pts_ms: p.pts.map(ms),
             top,
             ms: stage_ms,
         };

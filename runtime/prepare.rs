@@ -22,6 +22,8 @@ pub struct Prepared {
     pub input: candle_core::Tensor,
     /// When the wait for this frame began.
     pub since: Instant,
+    /// The source's timestamp of the frame, if it has one.
+    pub pts: Option<Duration>,
     /// Wait for the source, decode, preprocess.
     pub times: [Duration; 3],
 }
@@ -72,6 +74,7 @@ impl Preparer<'_> {
                 .to_tensor(&image, self.clf.device())?;
             return Ok(Some(Prepared {
                 index: frame.index,
+                pts: frame.pts,
                 image,
                 input,
                 since,

@@ -75,6 +75,14 @@ fn every_frame_of_a_clip_arrives_in_order() {
         let (out, lines) = stream(&[], path.to_str().unwrap());
         assert_success(&out);
         assert_eq!(frame_indices(&lines), (0..u64::from(n)).collect::<Vec<_>>());
+        // Frames keep their timestamps: a frame every 1/30 s of the video.
+        let pts: Vec<f64> = lines.iter().filter_map(|l| l["pts_ms"].as_f64()).collect();
+        assert_eq!(pts.len(), n as usize);
+        // (H.264 in MP4 may start late by its decoding delay; the spacing is what counts.)
+        for (i, t) in pts.iter().enumerate() {
+            let want = pts[0] + i as f64 * 1000.0 / 30.0;
+            assert!((t - want).abs() < 1.0, "frame {i} at {t} ms, not {want}");
+        }
         let s = &lines.last().unwrap()["summary"];
         assert_eq!(s["frames"], n);
         assert_eq!(s["dropped"], 0, "a file is paced by the classifier");
@@ -174,12 +182,28 @@ impl Drop for RtspServer {
 }
 
 #[test]
-fn a_live_rtsp_stream_is_classified() {
+fn a_live_rtsp_stream_is_classified_over_tcp_and_udp() {
     let server = RtspServer::start();
-    let (out, lines) = stream(&["--frames", "30", "--timeout", "10"], &server.url());
-    assert_success(&out);
-    assert_eq!(frame_indices(&lines).len(), 30);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("GStreamer, live"));
+    for transport in ["tcp", "udp"] {
+        let (out, lines) = stream(
+            &[
+                "--frames",
+                "30",
+                "--timeout",
+                "10",
+                "--rtsp-transport",
+                transport,
+            ],
+            &server.url(),
+        );
+        assert_success(&out);
+        assert_eq!(frame_indices(&lines).len(), 30, "{transport}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("GStreamer, live"));
+    }
+    // A path the server does not serve: its 404, in one line.
+    let wrong = server.url().replace("/test", "/nope");
+    let (out, _) = stream(&["--timeout", "10"], &wrong);
+    assert_clean_failure(&out, "/nope");
 }
 
 #[test]

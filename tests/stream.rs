@@ -134,6 +134,7 @@ impl FrameSource for StallsAfter {
         Ok(Some(Frame {
             index: self.0 - 1,
             captured: Instant::now(),
+            pts: None,
             data: wae_edge::decode::FrameData::Rgb(img),
             name: "stall".into(),
         }))

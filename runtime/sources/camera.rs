@@ -72,6 +72,7 @@ impl FrameSource for CameraSource {
         let f = Frame {
             index: self.index,
             captured: Instant::now(),
+            pts: None,
             data,
             name: self.device.clone().into(),
         };

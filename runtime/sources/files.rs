@@ -47,6 +47,7 @@ impl FrameSource for FileSource {
         let f = Frame {
             index: self.index,
             captured: Instant::now(),
+            pts: None,
             data: FrameData::Encoded(bytes),
             name: path,
         };

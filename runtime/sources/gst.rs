@@ -275,6 +275,7 @@ impl GstSource {
         let f = Frame {
             index: self.index,
             captured: Instant::now(),
+            pts: buffer.pts().map(|t| Duration::from_nanos(t.nseconds())),
             data: FrameData::Rgb(img),
             name: PathBuf::from(&self.name),
         };

@@ -26,6 +26,9 @@ pub struct Frame {
     pub index: u64,
     /// When the source produced it.
     pub captured: Instant,
+    /// Where the frame sits in its stream (a video's presentation timestamp), if the source
+    /// says.
+    pub pts: Option<Duration>,
     /// The payload, not yet decoded.
     pub data: FrameData,
     /// Where it came from (file name, device), for messages.

@@ -157,6 +157,7 @@ impl FrameSource for SyntheticSource {
         let f = Frame {
             index: self.index,
             captured: Instant::now(),
+            pts: None,
             data,
             name: "synthetic".into(),
         };
