@@ -19,6 +19,8 @@ pub mod depth;
 pub mod device;
 pub mod entropy;
 pub mod eval;
+#[cfg(all(feature = "gstreamer", target_os = "linux"))]
+pub mod gst_error;
 pub mod guarded_map;
 pub mod init;
 pub mod mjpeg;

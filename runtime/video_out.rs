@@ -153,22 +153,7 @@ impl VideoWriter {
 
     /// The first error on the bus, if any.
     fn bus_error(&self) -> Option<VideoError> {
-        let bus = self.pipeline.0.bus()?;
-        while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
-            if let gst::MessageView::Error(e) = msg.view() {
-                // The element's kind (rtspsrc, qtdemux), not its name in this pipeline.
-                let element = e
-                    .src()
-                    .map(|s| {
-                        s.downcast_ref::<gst::Element>()
-                            .and_then(|el| el.factory())
-                            .map_or_else(|| s.name().to_string(), |f| f.name().to_string())
-                    })
-                    .unwrap_or_else(|| "pipeline".into());
-                return Some(self.error(format!("{element}: {}", e.error())));
-            }
-        }
-        None
+        crate::gst_error::first_error(&self.pipeline.0).map(|e| self.error(e))
     }
 
     /// Appends a frame, resized to the video's size if it differs.

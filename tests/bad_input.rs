@@ -223,14 +223,7 @@ fn unknown_profile_key() {
         + "\noverclock = true\n";
     let prof = d.path().join("mine.toml");
     std::fs::write(&prof, text).unwrap();
-    let out = bin()
-        .args(["classify", "--profile"])
-        .arg(&prof)
-        .arg("--model")
-        .arg(&model)
-        .arg(&img)
-        .output()
-        .unwrap();
+    let out = run_with_model("classify", &model, [Path::new("--profile"), &prof, &img]);
     assert_clean_failure(&out, "overclock");
     let out = bin()
         .args(["classify", "--profile", "no-such-board", "--model"])

@@ -38,22 +38,10 @@ fn clip(dir: &Path, name: &str, frames: u32) -> PathBuf {
     path
 }
 
-/// `stream --json` over `source`: the output and its parsed lines.
+/// `stream --json ARGS SOURCE` with a seeded model: the output and its parsed lines.
 fn stream(args: &[&str], source: &str) -> (std::process::Output, Vec<Value>) {
-    let model = fixture_model();
-    let out = bin()
-        .args(["stream", "--json", "--model"])
-        .arg(&model.1)
-        .args(args)
-        .arg(source)
-        .timeout(Duration::from_secs(120))
-        .output()
-        .unwrap();
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (out, lines)
+    let (_d, model) = fixture_model();
+    stream_json(&model, args, source)
 }
 
 /// A seeded model in a temporary directory kept alive by the returned guard.
@@ -61,6 +49,18 @@ fn fixture_model() -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();
     let m = fashion_model(d.path());
     (d, m)
+}
+
+/// `wae-edge stream --json --model MODEL ARGS...` started in the background.
+fn spawn_stream(model: &Path, args: &[&str]) -> Child {
+    Process::new(env!("CARGO_BIN_EXE_wae-edge"))
+        .args(["stream", "--json", "--model"])
+        .arg(model)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn frame_indices(lines: &[Value]) -> Vec<u64> {
@@ -235,23 +235,11 @@ fn a_dead_rtsp_server_stalls_cleanly_or_is_reconnected() {
     // With --reconnect, the stream comes back when the server does.
     let server = RtspServer::start();
     let port = server.port;
-    let child = Process::new(env!("CARGO_BIN_EXE_wae-edge"))
-        .args([
-            "stream",
-            "--json",
-            "--timeout",
-            "2",
-            "--reconnect",
-            "--frames",
-            "150",
-            "--model",
-        ])
-        .arg(&model.1)
-        .arg(server.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let url = server.url();
+    let child = spawn_stream(
+        &model.1,
+        &["--timeout", "2", "--reconnect", "--frames", "150", &url],
+    );
     std::thread::sleep(Duration::from_secs(2));
     drop(server);
     std::thread::sleep(Duration::from_secs(2));
@@ -311,16 +299,14 @@ fn output_is_finished_on_ctrl_c() {
     let model = fixture_model();
     let d = tempfile::tempdir().unwrap();
     let out_path = d.path().join("live.mkv");
-    let child = Process::new(env!("CARGO_BIN_EXE_wae-edge"))
-        .args(["stream", "--json", "--output"])
-        .arg(&out_path)
-        .arg("--model")
-        .arg(&model.1)
-        .arg("gst:videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=30/1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_stream(
+        &model.1,
+        &[
+            "--output",
+            out_path.to_str().unwrap(),
+            "gst:videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=30/1",
+        ],
+    );
     std::thread::sleep(Duration::from_secs(2));
     let status = Process::new("kill")
         .args(["-INT", &child.id().to_string()])

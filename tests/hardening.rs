@@ -59,22 +59,6 @@ fn top1(model: &str, inputs: &[&Path]) -> Vec<String> {
         .collect()
 }
 
-/// JSON lines of a `stream --json` run.
-fn stream_json(args: &[&str], source: &Path) -> (std::process::Output, Vec<Value>) {
-    let out = bin()
-        .args(["stream", "--json"])
-        .args(args)
-        .arg(source)
-        .timeout(Duration::from_secs(60))
-        .output()
-        .unwrap();
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (out, lines)
-}
-
 #[test]
 fn webcam_frames_without_huffman_tables_classify_like_their_pictures() {
     let d = tempfile::tempdir().unwrap();
@@ -104,7 +88,7 @@ fn webcam_frames_without_huffman_tables_classify_like_their_pictures() {
     );
     assert_eq!(got, want);
     // The directory streams through, every frame classified, none bad.
-    let (out, lines) = stream_json(&["--model", SHIPPED], d.path());
+    let (out, lines) = stream_json(Path::new(SHIPPED), &[], d.path());
     assert_success(&out);
     assert_eq!(lines.len(), samples.len() + 1);
     let streamed: Vec<&str> = lines[..samples.len()]
@@ -128,8 +112,7 @@ fn a_bad_frame_is_skipped_and_counted_and_a_run_of_them_ends_the_stream() {
             sample_png(&frames, &format!("{i:02}.png"));
         }
     }
-    let m = model.to_str().unwrap();
-    let (out, lines) = stream_json(&["--model", m], &frames);
+    let (out, lines) = stream_json(&model, &[], &frames);
     assert_success(&out);
     assert_eq!(lines.len(), 7, "6 frames and the summary");
     let indices: Vec<u64> = lines[..6]
@@ -145,7 +128,7 @@ fn a_bad_frame_is_skipped_and_counted_and_a_run_of_them_ends_the_stream() {
     for i in 0..12 {
         std::fs::write(bad.join(format!("{i:02}.jpg")), b"\xFF\xD8\xFF garbage").unwrap();
     }
-    let (out, _) = stream_json(&["--model", m, "--max-bad-frames", "5"], &bad);
+    let (out, _) = stream_json(&model, &["--max-bad-frames", "5"], &bad);
     assert_clean_failure(&out, "5 frames in a row could not be decoded");
 }
 
@@ -206,12 +189,7 @@ fn unsupported_uris_say_what_this_build_reads_and_never_echo_credentials() {
         ("http://192.0.2.1/video.mjpg", "http"),
         ("ftp://admin:hunter2@192.0.2.1/clip", "ftp"),
     ] {
-        let out = bin()
-            .args(["stream", "--model"])
-            .arg(&model)
-            .arg(uri)
-            .output()
-            .unwrap();
+        let out = run_with_model("stream", &model, [uri]);
         assert_clean_failure(&out, &format!("{scheme}:// sources are not supported"));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -224,12 +202,7 @@ fn unsupported_uris_say_what_this_build_reads_and_never_echo_credentials() {
         ("rtsp://admin:hunter2@192.0.2.1:554/stream", "rtsp"),
         ("csi://0", "csi"),
     ] {
-        let out = bin()
-            .args(["classify", "--model"])
-            .arg(&model)
-            .arg(uri)
-            .output()
-            .unwrap();
+        let out = run_with_model("classify", &model, [uri]);
         assert_clean_failure(&out, &format!("{scheme}:// is not a file"));
         assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
     }
@@ -312,14 +285,7 @@ fn untrusted_text_is_escaped_on_the_terminal_and_exact_in_json() {
         );
     let prof = d.path().join("p.toml");
     std::fs::write(&prof, text).unwrap();
-    let out = bin()
-        .args(["classify", "--profile"])
-        .arg(&prof)
-        .arg("--model")
-        .arg(&model)
-        .arg(&img)
-        .output()
-        .unwrap();
+    let out = run_with_model("classify", &model, [Path::new("--profile"), &prof, &img]);
     assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("\\u{1b}]0;owned"));
     assert_terminal_safe("profile", &out.stderr);
@@ -592,30 +558,6 @@ fn an_interrupted_writer_leaves_no_temporary_file() {
 }
 
 #[test]
-fn a_stream_interrupted_once_ends_with_its_summary() {
-    let Fixture { dir: _d, model, .. } = fixture();
-    let child = Process::new(env!("CARGO_BIN_EXE_wae-edge"))
-        .args(["stream", "--json", "--model"])
-        .arg(&model)
-        .arg("synthetic:64x64@100")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    interrupt(&child);
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{:?}", out.status);
-    let last = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .to_string();
-    let v: Value = serde_json::from_str(&last).unwrap();
-    assert!(v["summary"]["frames"].as_u64().unwrap() > 0);
-}
-
-#[test]
 fn absurd_options_get_one_error_line() {
     let Fixture { dir: d, model, img } = fixture();
     let m = model.to_str().unwrap();
@@ -624,40 +566,16 @@ fn absurd_options_get_one_error_line() {
     std::fs::create_dir(&empty).unwrap();
     std::fs::write(empty.join("notes.txt"), b"no images here").unwrap();
     let e = empty.to_str().unwrap();
-    let cases: Vec<(Vec<&str>, &str)> = vec![
-        (
-            vec![
-                "stream",
-                "--model",
-                m,
+    let mut cases: Vec<(Vec<&str>, &str)> = ["inf", "1e300", "NaN"]
+        .into_iter()
+        .map(|t| {
+            (
+                vec!["stream", "--model", m, "--timeout", t, "synthetic:64x64"],
                 "--timeout",
-                "inf",
-                "synthetic:64x64",
-            ],
-            "--timeout",
-        ),
-        (
-            vec![
-                "stream",
-                "--model",
-                m,
-                "--timeout",
-                "1e300",
-                "synthetic:64x64",
-            ],
-            "--timeout",
-        ),
-        (
-            vec![
-                "stream",
-                "--model",
-                m,
-                "--timeout",
-                "NaN",
-                "synthetic:64x64",
-            ],
-            "--timeout",
-        ),
+            )
+        })
+        .collect();
+    cases.extend([
         (
             vec!["stream", "--model", m, "--seconds=-1", "synthetic:64x64"],
             "--seconds",
@@ -674,7 +592,7 @@ fn absurd_options_get_one_error_line() {
             "no .jpg, .jpeg, .png files",
         ),
         (vec!["eval", "--model", m, "--batch", "0"], "--batch"),
-    ];
+    ]);
     for (args, needle) in cases {
         let out = bin()
             .args(&args)

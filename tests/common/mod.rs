@@ -167,3 +167,41 @@ pub fn png_header(width: u32, height: u32, depth: u8, color: u8) -> Vec<u8> {
     png.extend(chunk(b"IEND", &[]));
     png
 }
+
+/// `wae-edge COMMAND --model MODEL ARGS...`, run to completion (at most two minutes).
+pub fn run_with_model<I, S>(command: &str, model: &Path, args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    bin()
+        .arg(command)
+        .arg("--model")
+        .arg(model)
+        .args(args)
+        .timeout(std::time::Duration::from_secs(120))
+        .output()
+        .unwrap()
+}
+
+/// `wae-edge stream --json ARGS... SOURCE`: the output and its lines, parsed.
+pub fn stream_json(
+    model: &Path,
+    args: &[&str],
+    source: impl AsRef<std::ffi::OsStr>,
+) -> (std::process::Output, Vec<serde_json::Value>) {
+    let out = run_with_model(
+        "stream",
+        model,
+        ["--json"]
+            .iter()
+            .chain(args)
+            .map(std::ffi::OsStr::new)
+            .chain([source.as_ref()]),
+    );
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (out, lines)
+}
