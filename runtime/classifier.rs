@@ -186,6 +186,22 @@ impl Classifier {
             .collect())
     }
 
+    /// Why `img` is far from the model's training pictures, if it is and the model records
+    /// what they looked like ([`crate::domain`]).
+    pub fn domain_warning(&self, img: &DynamicImage) -> Option<String> {
+        let stats = self.config().domain.as_ref()?;
+        let i = self.config().input;
+        let planar = self.pre.planar_u8(img);
+        let f = crate::domain::features(
+            &planar,
+            i.channels,
+            i.height,
+            i.width,
+            crate::domain::saturation(img),
+        );
+        stats.check(&f)
+    }
+
     /// Top-k of one normalised `[1, C, H, W]` input with per-stage times.
     pub fn classify_timed(
         &self,

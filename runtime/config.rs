@@ -33,6 +33,10 @@ pub struct ModelConfig {
     /// Free-form training facts (dataset, epochs, lambda, gamma, accuracy, date).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<serde_json::Value>,
+    /// What the training pictures looked like, to warn on pictures far from them
+    /// (`wae-edge calibrate` measures it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<crate::domain::DomainStats>,
 }
 
 /// Input tensor geometry (channels, height, width).
@@ -437,6 +441,7 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
         },
         untrained: true,
         training: None,
+        domain: None,
     };
     let fashion = |kind: ArchKind| ModelConfig {
         format: FORMAT_VERSION,
@@ -473,6 +478,7 @@ pub fn preset(name: &str) -> Option<ModelConfig> {
         },
         untrained: true,
         training: None,
+        domain: None,
     };
     Some(match name {
         "wae-vgg16" => vgg(ArchKind::Wae),

@@ -20,6 +20,13 @@ pub struct EvalReport {
     pub confusion: Vec<Vec<usize>>,
     /// Class names.
     pub labels: Vec<String>,
+    /// Fraction of the images that would draw a domain warning (`classify` on pictures far
+    /// from the training ones), where the model records its training pictures' statistics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain_warnings: Option<f64>,
+    /// Each image's top-1 probability, in dataset order (for calibration; not printed).
+    #[serde(skip)]
+    pub top1: Vec<f32>,
 }
 
 /// Why a dataset cannot be evaluated by a model.
@@ -81,6 +88,9 @@ pub fn evaluate(
     }
     let k = clf.config().classes;
     let mut confusion = vec![vec![0usize; k]; k];
+    let mut top1 = Vec::with_capacity(ds.len());
+    let mut warned = 0usize;
+    let stats = clf.config().domain.as_ref();
     let idx: Vec<usize> = (0..ds.len()).collect();
     for chunk in idx.chunks(batch.max(1)) {
         let logits = clf.logits(&batch_tensor(clf, ds, chunk)?)?;
@@ -91,6 +101,20 @@ pub fn evaluate(
                 .max_by(|a, b| a.1.total_cmp(b.1))
                 .map_or(0, |p| p.0);
             confusion[ds.labels[i] as usize][pred] += 1;
+            // Softmax of the top logit.
+            let sum: f32 = row.iter().map(|v| (v - row[pred]).exp()).sum();
+            top1.push(1.0 / sum);
+            if let Some(s) = stats {
+                let img = ds.image(i);
+                let f = crate::domain::features(
+                    img,
+                    ds.channels,
+                    ds.height,
+                    ds.width,
+                    crate::domain::planar_saturation(img, ds.channels),
+                );
+                warned += usize::from(s.check(&f).is_some());
+            }
         }
         progress(chunk.len());
     }
@@ -113,5 +137,7 @@ pub fn evaluate(
         per_class,
         confusion,
         labels: clf.config().labels.clone(),
+        domain_warnings: stats.map(|_| warned as f64 / ds.len().max(1) as f64),
+        top1,
     })
 }

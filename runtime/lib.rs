@@ -17,6 +17,7 @@ pub mod decode;
 pub mod decompose;
 pub mod depth;
 pub mod device;
+pub mod domain;
 pub mod entropy;
 pub mod eval;
 #[cfg(all(feature = "gstreamer", target_os = "linux"))]

@@ -479,6 +479,26 @@ pub fn save(
     })
 }
 
+/// Writes the model file at `from` to `to` (possibly the same path, atomically) with its
+/// tensors unchanged, byte for byte, and `config` in place of its config.
+pub fn rewrite_config(from: &Path, to: &Path, config: &ModelConfig) -> Result<(), WeightsError> {
+    let file = ModelFile::open(from)?;
+    let format = |e: safetensors::SafeTensorError| WeightsError::Format {
+        path: from.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let st = SafeTensors::deserialize(file.map.bytes()).map_err(format)?;
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = HashMap::from([(CONFIG_KEY.to_string(), config.to_json())]);
+    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(format)?;
+    file.intact(Ok(()))?;
+    crate::atomic::write(to, &bytes).map_err(|cause| WeightsError::Io {
+        path: to.to_path_buf(),
+        cause,
+    })
+}
+
 /// Randomly initialised weights for `config` (He-normal convs, candle's defaults elsewhere),
 /// decoder included for the two-branch kinds, with the config marked untrained. Deterministic in
 /// `seed`.

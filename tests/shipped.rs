@@ -98,5 +98,104 @@ fn eval_reproduces_the_recorded_test_accuracy() {
             "{}: eval {got} vs recorded {recorded}",
             model.display()
         );
+        // Calibrated: its own test pictures almost never draw the domain warning.
+        let warned = ev["domain_warnings"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{}: not calibrated", model.display()));
+        assert!(warned <= 0.01, "{}: {warned} false alarms", model.display());
     }
+}
+
+/// The default model warns on pictures unlike its training ones (a colour photo-like frame, a
+/// white frame), and not on its own samples.
+#[test]
+fn pictures_far_from_the_training_ones_draw_a_warning() {
+    let d = tempfile::tempdir().unwrap();
+    let colour = d.path().join("colour.png");
+    image::RgbImage::from_fn(320, 240, |x, y| {
+        image::Rgb([(x * 255 / 320) as u8, (y * 255 / 240) as u8, 160])
+    })
+    .save(&colour)
+    .unwrap();
+    let white = d.path().join("white.png");
+    image::GrayImage::from_pixel(64, 64, image::Luma([255]))
+        .save(&white)
+        .unwrap();
+    let out = bin()
+        .args(["classify", "--json", "--device", "cpu"])
+        .arg(&colour)
+        .arg(&white)
+        .arg("models/fashion-wae/samples")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 12);
+    let warnings = |l: &Value| l["warnings"].as_array().map_or(0, Vec::len);
+    assert!(lines[0]["warnings"][0]
+        .as_str()
+        .unwrap()
+        .contains("saturation"));
+    assert_eq!(warnings(&lines[1]), 1);
+    assert!(
+        lines[2..].iter().all(|l| warnings(l) == 0),
+        "a sample warned"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("warning: ").count(), 2, "{stderr}");
+}
+
+/// `calibrate` rewrites the config and leaves every tensor byte as it was.
+#[test]
+fn calibrate_changes_the_config_and_not_the_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let out_path = d.path().join("calibrated.safetensors");
+    let (_m, model) = {
+        let m = tempfile::tempdir().unwrap();
+        let p = fashion_model(m.path());
+        (m, p)
+    };
+    let out = bin()
+        .args(["calibrate", "--model"])
+        .arg(&model)
+        .arg("-o")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let (a, b) = (
+        std::fs::read(&model).unwrap(),
+        std::fs::read(&out_path).unwrap(),
+    );
+    let (sa, sb) = (
+        safetensors::SafeTensors::deserialize(&a).unwrap(),
+        safetensors::SafeTensors::deserialize(&b).unwrap(),
+    );
+    let mut names = sa.names();
+    names.sort();
+    let mut names_b = sb.names();
+    names_b.sort();
+    assert_eq!(names, names_b);
+    for n in names {
+        assert_eq!(
+            sa.tensor(n).unwrap().data(),
+            sb.tensor(n).unwrap().data(),
+            "{n}"
+        );
+    }
+    let ins: Value = serde_json::from_slice(
+        &bin()
+            .args(["inspect", "--json"])
+            .arg(&out_path)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let dom = &ins["config"]["domain"];
+    assert_eq!(dom["images"], 60_000);
+    assert_eq!(dom["ranges"].as_array().unwrap().len(), 4);
 }

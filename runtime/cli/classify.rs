@@ -42,6 +42,9 @@ struct Line<'a> {
     ms: f64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     untrained: bool,
+    /// Why the picture is far from the model's training pictures, if it is.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -71,19 +74,26 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let t = Instant::now();
         let result = load_image(path)
             .map_err(anyhow::Error::from)
-            .and_then(|img| Ok(clf.classify(&[img], k)?));
+            .and_then(|img| {
+                let top = clf.classify(std::slice::from_ref(&img), k)?;
+                Ok((top, clf.domain_warning(&img)))
+            });
         let ms = t.elapsed().as_secs_f64() * 1e3;
         bar.inc(1);
         match result {
-            Ok(mut top) => {
+            Ok((mut top, warning)) => {
                 let top = top.pop().unwrap_or_default();
                 bar.suspend(|| {
+                    if let Some(w) = &warning {
+                        eprintln!("warning: {}: {w}", Escaped(path.display()));
+                    }
                     if args.json {
                         let line = Line {
                             input: path.to_string_lossy().into_owned(),
                             top: &top,
                             ms,
                             untrained,
+                            warnings: warning.into_iter().collect(),
                         };
                         println!(
                             "{}",

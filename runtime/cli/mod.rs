@@ -97,6 +97,10 @@ enum Command {
     /// Test-set accuracy, per-class accuracy and confusion matrix of a model.
     #[cfg(feature = "train")]
     Eval(train::EvalArgs),
+    /// Record what a model's training pictures look like in its file, so that classify and
+    /// stream warn on pictures far from them (weights unchanged).
+    #[cfg(feature = "train")]
+    Calibrate(train::CalibrateArgs),
     /// Write I_L, I_H (contrast-stretched), the reconstruction and a side-by-side strip as PNG.
     Decompose {
         /// Model file with its decoder (default: the shipped model).
@@ -235,6 +239,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Train(args) => train::run_train(args),
         #[cfg(feature = "train")]
         Command::Eval(args) => train::run_eval(args),
+        #[cfg(feature = "train")]
+        Command::Calibrate(args) => train::run_calibrate(args),
         Command::New {
             preset: name,
             output,

@@ -261,6 +261,13 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
     facts["test_accuracy"] = eval.accuracy.into();
     facts["test_images"] = eval.n.into();
     config.training = Some(facts);
+    // What the training pictures looked like, so that classify warns on pictures far from them.
+    config.domain = Some(wae_edge::domain::DomainStats::measure(
+        &train_set,
+        &config.preprocess.mean,
+        &config.preprocess.std,
+        &eval.top1,
+    ));
     weights::save(&export, &config, &report.tensors)?;
     eprintln!(
         "wrote {}: test accuracy {:.4} on {} images",
@@ -300,5 +307,49 @@ pub fn run_eval(a: EvalArgs) -> Result<ExitCode> {
             row.iter().map(|v| format!("{v:>5}")).collect::<String>()
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `calibrate`.
+#[derive(clap::Args, Debug)]
+pub struct CalibrateArgs {
+    /// Model file (default: the shipped model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The model's training data: `fashion-mnist`, IDX files or image folders.
+    #[arg(long, default_value = "fashion-mnist")]
+    dataset: String,
+    /// Where to write the calibrated model (default: over the model, atomically).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+/// `calibrate`: the training split's picture statistics and the test split's top-1
+/// probabilities, written into the model's config.
+pub fn run_calibrate(a: CalibrateArgs) -> Result<ExitCode> {
+    let model = model_path(a.model);
+    let clf = Classifier::load(&model, &Device::Cpu)?;
+    let input = clf.config().input;
+    let train_set = load_split(&a.dataset, Split::Train, input)?;
+    let test = load_split(&a.dataset, Split::Test, input)?;
+    let report = evaluate(&clf, &test, 256, |_| {}).with_context(|| model.display().to_string())?;
+    let mut config = clf.config().clone();
+    let p = &config.preprocess;
+    config.domain = Some(wae_edge::domain::DomainStats::measure(
+        &train_set,
+        &p.mean,
+        &p.std,
+        &report.top1,
+    ));
+    let out = a.output.unwrap_or_else(|| model.clone());
+    weights::rewrite_config(&model, &out, &config)?;
+    let d = config.domain.as_ref().expect("set above");
+    eprintln!(
+        "wrote {}: ranges from {} training pictures, top-1 median {:.3} on {} test pictures",
+        Escaped(out.display()),
+        d.images,
+        d.top1_quantiles[3],
+        test.len()
+    );
     Ok(ExitCode::SUCCESS)
 }
