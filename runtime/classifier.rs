@@ -189,11 +189,31 @@ impl Classifier {
     /// Why `img` is far from the model's training pictures, if it is and the model records
     /// what they looked like ([`crate::domain`]).
     pub fn domain_warning(&self, img: &DynamicImage) -> Option<String> {
+        self.config().domain.as_ref()?;
+        self.warning_for(&self.pre.planar_u8(img), img)
+    }
+
+    /// The network's `[1, C, H, W]` input for one picture and the domain warning it draws,
+    /// from a single resize (the streaming path).
+    pub fn input_and_warning(
+        &self,
+        img: &DynamicImage,
+    ) -> candle_core::Result<(Tensor, Option<String>)> {
+        let planar = self.pre.planar_u8(img);
+        let warning = self.warning_for(&planar, img);
+        let mut data = Vec::with_capacity(planar.len());
+        self.pre.normalize_planar(&planar, &mut data);
+        let i = self.config().input;
+        let x = Tensor::from_vec(data, (1, i.channels, i.height, i.width), &self.device)?;
+        Ok((x, warning))
+    }
+
+    /// The domain warning of a picture given its planar 8-bit form at the input size.
+    fn warning_for(&self, planar: &[u8], img: &DynamicImage) -> Option<String> {
         let stats = self.config().domain.as_ref()?;
         let i = self.config().input;
-        let planar = self.pre.planar_u8(img);
         let f = crate::domain::features(
-            &planar,
+            planar,
             i.channels,
             i.height,
             i.width,

@@ -96,6 +96,9 @@ pub struct FrameResult {
     pub top: Vec<Prediction>,
     /// Time per stage.
     pub ms: StageMs,
+    /// Why the frame is far from the model's training pictures, if it is.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The end-of-stream report.
@@ -216,6 +219,7 @@ impl Tally {
             pts_ms: p.pts.map(ms),
             top,
             ms: stage_ms,
+            warnings: p.warning.iter().cloned().collect(),
         };
         (r, fps)
     }

@@ -20,6 +20,8 @@ pub struct Prepared {
     pub image: image::DynamicImage,
     /// The network's input.
     pub input: candle_core::Tensor,
+    /// Why the picture is far from the model's training pictures, if it is.
+    pub warning: Option<String>,
     /// When the wait for this frame began.
     pub since: Instant,
     /// The source's timestamp of the frame, if it has one.
@@ -68,15 +70,13 @@ impl Preparer<'_> {
             };
             self.bad_run.store(0, Ordering::Relaxed);
             let t2 = Instant::now();
-            let input = self
-                .clf
-                .preprocessor()
-                .to_tensor(&image, self.clf.device())?;
+            let (input, warning) = self.clf.input_and_warning(&image)?;
             return Ok(Some(Prepared {
                 index: frame.index,
                 pts: frame.pts,
                 image,
                 input,
+                warning,
                 since,
                 times: [t1 - since, t2 - t1, t2.elapsed()],
             }));

@@ -146,6 +146,20 @@ fn pictures_far_from_the_training_ones_draw_a_warning() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.matches("warning: ").count(), 2, "{stderr}");
+    // A stream says it per frame in JSON, and once on stderr.
+    let model = Path::new(wae_edge::DEFAULT_MODEL);
+    for (source, warned) in [("synthetic:320x240", 3), ("models/fashion-wae/samples", 0)] {
+        let (out, lines) = stream_json(model, &["--frames", "3"], source);
+        assert_success(&out);
+        let n = lines[..3].iter().filter(|l| warnings(l) == 1).count();
+        assert_eq!(n, warned, "{source}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.matches("warning: ").count(),
+            warned.min(1),
+            "{stderr}"
+        );
+    }
 }
 
 /// `calibrate` rewrites the config and leaves every tensor byte as it was.

@@ -176,6 +176,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let uri = a.source.clone();
     let mut described = false;
     let mut classified = 0u64;
+    let mut warned = false;
     let summary = run_stream(
         || {
             let s = open_source(&uri, &src_opts)?;
@@ -205,6 +206,16 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 );
             }
             classified += 1;
+            if let (false, Some(w)) = (warned, r.warnings.first()) {
+                warned = true;
+                let rest = if a.json {
+                    ""
+                } else {
+                    " (later frames: see --json)"
+                };
+                let clear = if live { "\r" } else { "" };
+                eprintln!("{clear}warning: frame {}: {}{rest}", r.frame, Escaped(w));
+            }
             if let Some(v) = video.as_mut().filter(|_| save_error.is_none()) {
                 if let Err(e) = v.push(&annotated(img, &r.top[0])) {
                     stop.store(true, Ordering::Relaxed);
