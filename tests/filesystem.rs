@@ -116,6 +116,10 @@ const WRITERS: &[(&str, &str)] = &[
         "\"$BIN\" decompose --model \"$MODEL\" \"$IMG\" -o \"$MNT/dec\"",
     ),
     (
+        "capture",
+        "\"$BIN\" capture synthetic:640x480 --count 3 --label cat --out \"$MNT/data\"",
+    ),
+    (
         "stream --save",
         "\"$BIN\" stream --model \"$MODEL\" --frames 3 --save \"$MNT/frames\" synthetic:640x480",
     ),

@@ -2,6 +2,7 @@
 //! the library.
 
 mod bench;
+mod capture;
 mod classify;
 mod inspect;
 mod interrupt;
@@ -77,6 +78,9 @@ enum Command {
     Stream(stream::Args),
     /// Time a model (and a baseline, alternating): percentiles, fps, GFLOP/s, per stage.
     Bench(bench::Args),
+    /// Save pictures of one class from any source into DIR/train/LABEL and DIR/test/LABEL,
+    /// the layout `train --dataset DIR` reads.
+    Capture(capture::Args),
     /// Write a randomly initialised fp16 model from a preset (marked untrained).
     New {
         /// Preset name.
@@ -235,6 +239,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(args) => inspect::run(args),
         Command::Stream(args) => stream::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Capture(args) => capture::run(args),
         #[cfg(feature = "train")]
         Command::Train(args) => train::run_train(args),
         #[cfg(feature = "train")]
