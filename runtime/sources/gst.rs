@@ -254,7 +254,10 @@ impl GstSource {
         let row = w as usize * 3;
         let mut packed = Vec::with_capacity(row * h as usize);
         for y in 0..h as usize {
-            packed.extend_from_slice(&data[y * stride..][..row]);
+            let line = data
+                .get(y * stride..y * stride + row)
+                .ok_or_else(|| self.error("a frame shorter than its caps".into()))?;
+            packed.extend_from_slice(line);
         }
         let img = RgbImage::from_raw(w, h, packed).expect("packed rows fill the image");
         let f = Frame {
