@@ -3,14 +3,6 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
-
-fn json_lines(out: &std::process::Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect()
-}
 
 #[test]
 fn json_lines_have_input_top_and_ms() {

@@ -39,10 +39,7 @@ fn the_default_model_is_shipped_trained_and_classifies_the_samples() {
         .unwrap();
     assert_success(&out);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("UNTRAINED"));
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out);
     assert_eq!(lines.len(), 10, "one sample per class");
     // Sample NN_label.png is a test image of class NN: a trained model gets most of them right.
     let right = lines
@@ -129,10 +126,7 @@ fn pictures_far_from_the_training_ones_draw_a_warning() {
         .output()
         .unwrap();
     assert_success(&out);
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out);
     assert_eq!(lines.len(), 12);
     let warnings = |l: &Value| l["warnings"].as_array().map_or(0, Vec::len);
     assert!(lines[0]["warnings"][0]

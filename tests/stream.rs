@@ -25,10 +25,7 @@ fn synthetic_json_ends_with_a_summary() {
         .output()
         .unwrap();
     assert_success(&out);
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out);
     assert_eq!(lines.len(), 61);
     for (i, l) in lines[..60].iter().enumerate() {
         assert_eq!(

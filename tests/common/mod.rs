@@ -199,9 +199,14 @@ pub fn stream_json(
             .map(std::ffi::OsStr::new)
             .chain([source.as_ref()]),
     );
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out);
     (out, lines)
+}
+
+/// A run's stdout as JSON Lines, each parsed.
+pub fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
 }
