@@ -21,19 +21,24 @@ pub fn remove_pending() -> usize {
         .count()
 }
 
-/// Keeps a temporary file's path among those [`remove_pending`] removes, while it lives: for
-/// writers that make their own temporary files (a video being muxed).
+/// Keeps a temporary file's path among those [`remove_pending`] removes, while it lives.
 pub struct Pending(PathBuf);
 
-impl Pending {
-    /// Registers `path` until the returned guard is dropped.
-    pub fn new(path: &Path) -> Pending {
-        PENDING
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(path.to_path_buf());
-        Pending(path.to_path_buf())
-    }
+/// A new temporary file beside `target`, registered for [`remove_pending`] under the same lock
+/// that removal takes, so that no signal can find it created but not yet registered.
+pub fn pending_tempfile(target: &Path) -> std::io::Result<(tempfile::NamedTempFile, Pending)> {
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut pending = PENDING.lock().unwrap_or_else(PoisonError::into_inner);
+    let tmp = tempfile::Builder::new()
+        .prefix(".wae-edge-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    pending.push(tmp.path().to_path_buf());
+    let guard = Pending(tmp.path().to_path_buf());
+    Ok((tmp, guard))
 }
 
 impl Drop for Pending {
@@ -64,15 +69,7 @@ pub fn write_with(
     path: &Path,
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".wae-edge-")
-        .suffix(".tmp")
-        .tempfile_in(dir)?;
-    let _pending = Pending::new(tmp.path());
+    let (mut tmp, _pending) = pending_tempfile(path)?;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
         fill(&mut w)?;

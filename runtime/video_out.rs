@@ -86,21 +86,12 @@ impl VideoWriter {
             "videoconvert ! video/x-raw,format=I420 ! x264enc speed-preset=veryfast"
         };
         let (width, height) = ((width & !1).max(2), (height & !1).max(2));
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let io = |cause| VideoError::Io {
-            path: path.into(),
-            cause,
-        };
-        let tmp = tempfile::Builder::new()
-            .prefix(".wae-edge-")
-            .suffix(".tmp")
-            .tempfile_in(dir)
-            .map_err(io)?
-            .into_temp_path();
-        let pending = crate::atomic::Pending::new(&tmp);
+        let (tmp, pending) =
+            crate::atomic::pending_tempfile(path).map_err(|cause| VideoError::Io {
+                path: path.into(),
+                cause,
+            })?;
+        let tmp = tmp.into_temp_path();
         let desc = format!(
             "appsrc name=wae_src format=time block=true ! {encoder} ! h264parse ! {mux} ! filesink name=wae_sink"
         );
