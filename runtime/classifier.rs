@@ -186,15 +186,9 @@ impl Classifier {
             .collect())
     }
 
-    /// Why `img` is far from the model's training pictures, if it is and the model records
-    /// what they looked like ([`crate::domain`]).
-    pub fn domain_warning(&self, img: &DynamicImage) -> Option<String> {
-        self.config().domain.as_ref()?;
-        self.warning_for(&self.pre.planar_u8(img), img)
-    }
-
-    /// The network's `[1, C, H, W]` input for one picture and the domain warning it draws,
-    /// from a single resize (the streaming path).
+    /// The network's `[1, C, H, W]` input for one picture and, if the model records what its
+    /// training pictures looked like ([`crate::domain`]), the warning a picture far from them
+    /// draws; from a single resize.
     pub fn input_and_warning(
         &self,
         img: &DynamicImage,

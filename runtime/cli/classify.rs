@@ -75,14 +75,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let result = load_image(path)
             .map_err(anyhow::Error::from)
             .and_then(|img| {
-                let top = clf.classify(std::slice::from_ref(&img), k)?;
-                Ok((top, clf.domain_warning(&img)))
+                // One resize serves both the network's input and the domain check.
+                let (x, warning) = clf.input_and_warning(&img)?;
+                Ok((clf.classify_timed(&x, k)?.0, warning))
             });
         let ms = t.elapsed().as_secs_f64() * 1e3;
         bar.inc(1);
         match result {
-            Ok((mut top, warning)) => {
-                let top = top.pop().unwrap_or_default();
+            Ok((top, warning)) => {
                 bar.suspend(|| {
                     if let Some(w) = &warning {
                         eprintln!("warning: {}: {w}", Escaped(path.display()));
