@@ -51,6 +51,52 @@ pub struct InputSpec {
     pub width: usize,
 }
 
+impl std::fmt::Display for InputSpec {
+    /// `HxWxC`, the form `--input` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.height, self.width, self.channels)
+    }
+}
+
+/// Input sides a trained model may have: large enough for one pooling stage after the split,
+/// small enough to train on an edge box's CPU.
+pub const TRAIN_SIDES: std::ops::RangeInclusive<usize> = 16..=512;
+
+impl std::str::FromStr for InputSpec {
+    type Err = String;
+
+    /// Parses `HxWxC`: even sides in [`TRAIN_SIDES`], C = 1 (gray) or 3 (colour).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(['x', 'X']).collect();
+        let [h, w, c] = parts[..] else {
+            return Err(format!("`{s}` is not HxWxC, e.g. 64x64x3"));
+        };
+        let num = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{v}` in `{s}` is not a number"))
+        };
+        let (height, width, channels) = (num(h)?, num(w)?, num(c)?);
+        if !(channels == 1 || channels == 3) {
+            return Err(format!("{channels} channels; 1 (gray) or 3 (colour)"));
+        }
+        for side in [height, width] {
+            if !TRAIN_SIDES.contains(&side) || side % 2 != 0 {
+                return Err(format!(
+                    "side {side}: sides are even, from {} to {} pixels",
+                    TRAIN_SIDES.start(),
+                    TRAIN_SIDES.end()
+                ));
+            }
+        }
+        Ok(InputSpec {
+            channels,
+            height,
+            width,
+        })
+    }
+}
+
 /// How an image is resized to the input size.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -368,6 +414,64 @@ pub fn pool_out(n: usize, ceil: bool) -> usize {
     }
 }
 
+/// A backbone for a backbone input of `h` x `w`: 2x2 pooling stages until the smaller side is
+/// about 4 pixels (at most five stages, as VGG16), two 3x3 convs each, widths doubling from 32
+/// up to 256. The Fashion-MNIST preset (14x14 after the split, three stages) is the model for
+/// it; a 64x64 input gets 32,32/64,64/128,128 on its 32x32 I_L.
+pub fn scaled_backbone(h: usize, w: usize) -> Vec<Vec<usize>> {
+    let mut side = h.min(w);
+    let mut stages = Vec::new();
+    while side > 5 && stages.len() < 5 {
+        let width = (32 << stages.len()).min(256);
+        stages.push(vec![width, width]);
+        side = pool_out(side, true);
+    }
+    if stages.is_empty() {
+        stages.push(vec![32, 32]);
+    }
+    stages
+}
+
+/// A WAE (or `kind`) for a user's own pictures: `input`, one class per label, the backbone
+/// scaled to the input ([`scaled_backbone`]), the Fashion-MNIST preset's encoder, heads and
+/// decoder. The normalisation starts neutral; training measures it from the pictures.
+pub fn for_input(
+    name: &str,
+    input: InputSpec,
+    kind: ArchKind,
+    labels: Vec<String>,
+    resize: ResizeMode,
+) -> ModelConfig {
+    let mut c = preset(match kind {
+        ArchKind::Plain => "plain-fashion",
+        _ => "wae-fashion",
+    })
+    .expect("built-in preset");
+    c.arch.kind = kind;
+    if kind == ArchKind::Haar || kind == ArchKind::NaiveHalf {
+        c.arch.encoder.clear();
+    }
+    if !kind.has_branch() {
+        c.arch.head_fuse.clear();
+    }
+    c.name = name.to_string();
+    c.input = input;
+    let (bh, bw) = if kind.is_half() {
+        (input.height / 2, input.width / 2)
+    } else {
+        (input.height, input.width)
+    };
+    c.arch.backbone = scaled_backbone(bh, bw);
+    c.preprocess = Preprocess {
+        resize,
+        mean: vec![0.5; input.channels],
+        std: vec![0.25; input.channels],
+    };
+    c.classes = labels.len();
+    c.labels = labels;
+    c
+}
+
 /// Names accepted by [`preset`].
 pub const PRESETS: &[&str] = &["wae-vgg16", "vgg16", "wae-fashion", "plain-fashion"];
 
@@ -510,6 +614,56 @@ mod tests {
         assert_eq!(c.feature_size(), (4, 4));
         assert_eq!(c.branch_stages()[4], vec![128, 128, 128]);
         assert_eq!(preset("vgg16").unwrap().feature_size(), (7, 7));
+    }
+
+    #[test]
+    fn inputs_parse_and_backbones_scale_with_them() {
+        let i: InputSpec = "64x48x3".parse().unwrap();
+        assert_eq!(
+            (i.height, i.width, i.channels, i.to_string()),
+            (64, 48, 3, "64x48x3".into())
+        );
+        for bad in [
+            "64x64",
+            "63x64x3",
+            "64x64x2",
+            "14x14x1",
+            "1024x1024x3",
+            "ax64x3",
+        ] {
+            assert!(bad.parse::<InputSpec>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            scaled_backbone(32, 32),
+            vec![vec![32, 32], vec![64, 64], vec![128, 128]]
+        );
+        assert_eq!(scaled_backbone(8, 8).len(), 1);
+        assert_eq!(scaled_backbone(256, 256).len(), 5);
+        assert_eq!(scaled_backbone(256, 256)[4], vec![256, 256]);
+        for side in (16..=512).step_by(2) {
+            for kind in [
+                ArchKind::Wae,
+                ArchKind::Plain,
+                ArchKind::Haar,
+                ArchKind::NaiveHalf,
+            ] {
+                let input = InputSpec {
+                    channels: 3,
+                    height: side,
+                    width: 16.max(side / 2 * 2),
+                };
+                let c = for_input(
+                    "mine",
+                    input,
+                    kind,
+                    vec!["a".into(), "b".into()],
+                    ResizeMode::Stretch,
+                );
+                c.validate().unwrap();
+                let (fh, fw) = c.feature_size();
+                assert!((1..=16).contains(&fh.min(fw)), "{side} {kind:?}: {fh}x{fw}");
+            }
+        }
     }
 
     #[test]

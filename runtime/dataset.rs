@@ -5,7 +5,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::config::FASHION_LABELS;
+use rayon::prelude::*;
+
+use crate::config::{InputSpec, Preprocess, ResizeMode, FASHION_LABELS};
 
 /// Where Debian's `dataset-fashion-mnist` package puts the files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -34,6 +36,20 @@ pub enum DatasetError {
         got: u32,
         /// Magic expected.
         expected: u32,
+    },
+    /// The pictures at the training size would not fit the memory budget.
+    #[error("{}: {images} pictures at {input} need {} MiB, over the {} MiB memory budget; lower --input, use fewer pictures, or raise --memory-budget", path.display(), needed >> 20, budget >> 20)]
+    TooBig {
+        /// The folder.
+        path: PathBuf,
+        /// Pictures found.
+        images: usize,
+        /// The training size, as `HxWxC`.
+        input: InputSpec,
+        /// Bytes the decoded pictures take.
+        needed: u64,
+        /// Bytes allowed.
+        budget: u64,
     },
     /// Fewer bytes than the header promises, or more.
     #[error("{}: {reason}", path.display())]
@@ -86,6 +102,42 @@ impl Dataset {
     pub fn image(&self, i: usize) -> &[u8] {
         let n = self.channels * self.height * self.width;
         &self.pixels[i * n..(i + 1) * n]
+    }
+
+    /// Images per class, index = class.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.classes.len()];
+        for &l in &self.labels {
+            if let Some(c) = counts.get_mut(l as usize) {
+                *c += 1;
+            }
+        }
+        counts
+    }
+
+    /// Per-channel mean and standard deviation of `(pixel / 255 - mean[c]) / std[c]` over all
+    /// images; with mean 0 and std 1, the normalisation the pictures themselves call for.
+    pub fn channel_moments(&self, mean: &[f32], std: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let plane = self.height * self.width;
+        let mut sums = vec![(0f64, 0f64); self.channels];
+        for i in 0..self.len() {
+            let img = self.image(i);
+            for (ch, s) in sums.iter_mut().enumerate() {
+                let (m, sd) = (f64::from(mean[ch]), f64::from(std[ch]));
+                for &p in &img[ch * plane..(ch + 1) * plane] {
+                    let x = (f64::from(p) / 255.0 - m) / sd;
+                    s.0 += x;
+                    s.1 += x * x;
+                }
+            }
+        }
+        let n = (self.len() * plane).max(1) as f64;
+        let means = sums.iter().map(|s| (s.0 / n) as f32).collect();
+        let stds = sums
+            .iter()
+            .map(|s| ((s.1 / n - (s.0 / n).powi(2)).max(0.0)).sqrt() as f32)
+            .collect();
+        (means, stds)
     }
 
     /// The images at `idx`, as a new dataset (e.g. a validation split).
@@ -221,9 +273,49 @@ pub fn fashion_mnist(dir: &Path, split: Split) -> Result<Dataset, DatasetError> 
     read_idx_pair(&find("images-idx3-ubyte"), &find("labels-idx1-ubyte"))
 }
 
-/// Images from `dir/<class>/*.{png,jpg,jpeg}` (classes sorted by name), decoded with the usual
-/// size caps and resized to `input` (channels converted as the model expects).
-pub fn image_folder(dir: &Path, input: crate::config::InputSpec) -> Result<Dataset, DatasetError> {
+/// How image folders become pictures at the training size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FolderSpec {
+    /// The size (and channels) every picture is resized to.
+    pub input: InputSpec,
+    /// How it is resized.
+    pub resize: ResizeMode,
+    /// Bytes the decoded pictures may take at most.
+    pub budget: u64,
+}
+
+impl FolderSpec {
+    /// A spec with the default memory budget ([`default_memory_budget`]).
+    pub fn new(input: InputSpec, resize: ResizeMode) -> Self {
+        FolderSpec {
+            input,
+            resize,
+            budget: default_memory_budget(),
+        }
+    }
+}
+
+/// Half of the machine's physical memory: the rest is for the network, its activations and the
+/// system. A dataset is decoded once into memory at the training size, so this bounds the cache.
+pub fn default_memory_budget() -> u64 {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages > 0 && size > 0 {
+        (pages as u64).saturating_mul(size as u64) / 2
+    } else {
+        4 << 30
+    }
+}
+
+/// Images from `dir/<class>/*.{png,jpg,jpeg}` (classes sorted by name), decoded in parallel with
+/// the usual size caps and kept at the training size (channels converted as the model expects).
+/// A folder whose pictures would not fit `spec.budget` is refused before anything is decoded.
+pub fn image_folder(dir: &Path, spec: FolderSpec) -> Result<Dataset, DatasetError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |cause| DatasetError::Io { path, cause }
@@ -244,33 +336,56 @@ pub fn image_folder(dir: &Path, input: crate::config::InputSpec) -> Result<Datas
             ),
         });
     }
+    let input = spec.input;
     // Only the resize policy matters here: the dataset keeps 8-bit pixels.
     let pre = crate::preprocess::Preprocessor::from_parts(
         input,
-        crate::config::Preprocess {
-            resize: crate::config::ResizeMode::Stretch,
+        Preprocess {
+            resize: spec.resize,
             mean: vec![0.0; input.channels],
             std: vec![1.0; input.channels],
         },
     );
-    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+    let mut files = Vec::new();
     for (label, class_dir) in classes.iter().enumerate() {
-        let files =
+        let found =
             crate::sources::expand_inputs(std::slice::from_ref(class_dir)).map_err(|e| {
                 DatasetError::Corrupt {
                     path: class_dir.clone(),
                     reason: e.to_string(),
                 }
             })?;
-        for f in files {
-            let img = crate::preprocess::load_image(&f).map_err(|e| DatasetError::Corrupt {
+        files.extend(found.into_iter().map(|f| (f, label as u8)));
+    }
+    let per_image = (input.channels * input.height * input.width) as u64;
+    let needed = per_image.saturating_mul(files.len() as u64);
+    if needed > spec.budget {
+        return Err(DatasetError::TooBig {
+            path: dir.into(),
+            images: files.len(),
+            input,
+            needed,
+            budget: spec.budget,
+        });
+    }
+    let bar = indicatif::ProgressBar::new(files.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("decoding {pos}/{len} {bar:30} {elapsed}<{eta}")
+            .expect("static template"),
+    );
+    // Decoding dominates loading a folder of photos; every core takes a share, and the order
+    // (hence labels and seeds) does not depend on how many.
+    let decoded: Vec<Vec<u8>> = files
+        .par_iter()
+        .map(|(f, _)| {
+            let img = crate::preprocess::load_image(f).map_err(|e| DatasetError::Corrupt {
                 path: f.clone(),
                 reason: e.to_string(),
-            })?;
-            pixels.extend(pre.planar_u8(&img));
-            labels.push(label as u8);
-        }
-    }
+            });
+            bar.inc(1);
+            img.map(|img| pre.planar_u8(&img))
+        })
+        .collect::<Result<_, _>>()?;
+    bar.finish_and_clear();
     let classes = classes
         .iter()
         .map(|p| {
@@ -279,8 +394,8 @@ pub fn image_folder(dir: &Path, input: crate::config::InputSpec) -> Result<Datas
         })
         .collect();
     Ok(Dataset {
-        pixels,
-        labels,
+        pixels: decoded.concat(),
+        labels: files.iter().map(|f| f.1).collect(),
         channels: input.channels,
         height: input.height,
         width: input.width,
@@ -289,21 +404,22 @@ pub fn image_folder(dir: &Path, input: crate::config::InputSpec) -> Result<Datas
 }
 
 /// A dataset directory of either layout: the four Fashion-MNIST IDX files, or `train/` and
-/// `test/` image folders with one sub-directory per class (resized to `input`).
-pub fn load(
-    dir: &Path,
-    split: Split,
-    input: crate::config::InputSpec,
-) -> Result<Dataset, DatasetError> {
+/// `test/` image folders with one sub-directory per class (decoded per `spec`).
+pub fn load(dir: &Path, split: Split, spec: FolderSpec) -> Result<Dataset, DatasetError> {
     let sub = match split {
         Split::Train => "train",
         Split::Test => "test",
     };
     if dir.join(sub).is_dir() {
-        image_folder(&dir.join(sub), input)
+        image_folder(&dir.join(sub), spec)
     } else {
         fashion_mnist(dir, split)
     }
+}
+
+/// True when `dir` holds image folders rather than IDX files.
+pub fn is_image_folder(dir: &Path) -> bool {
+    dir.join("train").is_dir()
 }
 
 #[cfg(test)]
@@ -322,12 +438,13 @@ mod tests {
                     .unwrap();
             }
         }
-        let input = crate::config::InputSpec {
+        let input = InputSpec {
             channels: 1,
             height: 28,
             width: 28,
         };
-        let ds = load(d.path(), Split::Train, input).unwrap();
+        let spec = FolderSpec::new(input, ResizeMode::Stretch);
+        let ds = load(d.path(), Split::Train, spec).unwrap();
         assert_eq!(ds.classes, ["ant", "cat"]);
         assert_eq!(ds.labels, [0, 0, 0, 1, 1]);
         assert_eq!(
@@ -335,12 +452,56 @@ mod tests {
             (1, 28, 28, 784)
         );
         std::fs::write(d.path().join("train/cat/bad.png"), b"garbage").unwrap();
-        let e = load(d.path(), Split::Train, input).unwrap_err().to_string();
+        let e = load(d.path(), Split::Train, spec).unwrap_err().to_string();
         assert!(e.contains("bad.png"), "{e}");
         assert!(matches!(
-            load(d.path(), Split::Test, input),
+            load(d.path(), Split::Test, spec),
             Err(DatasetError::Io { .. })
         ));
+        // Six pictures of 784 bytes do not fit in 4 KB: refused before decoding.
+        let small = FolderSpec {
+            budget: 4096,
+            ..spec
+        };
+        let e = load(d.path(), Split::Train, small).unwrap_err().to_string();
+        assert!(
+            e.contains("6 pictures at 28x28x1") && e.contains("memory budget"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn channel_moments_of_known_pictures() {
+        // Channel 0 is 51 everywhere (0.2); channel 1 is half 0, half 255 (mean 0.5, std 0.5).
+        let mut pixels = Vec::new();
+        for _ in 0..3 {
+            pixels.extend([51u8; 4]);
+            pixels.extend([0u8, 255, 0, 255]);
+        }
+        let ds = Dataset {
+            pixels,
+            labels: vec![0, 0, 1],
+            channels: 2,
+            height: 2,
+            width: 2,
+            classes: vec!["a".into(), "b".into()],
+        };
+        let (m, s) = ds.channel_moments(&[0.0, 0.0], &[1.0, 1.0]);
+        assert!(
+            (m[0] - 0.2).abs() < 1e-6 && s[0].abs() < 1e-6,
+            "{m:?} {s:?}"
+        );
+        assert!(
+            (m[1] - 0.5).abs() < 1e-6 && (s[1] - 0.5).abs() < 1e-6,
+            "{m:?} {s:?}"
+        );
+        // Under that normalisation the pictures have mean 0 and std 1.
+        let (m, s) = ds.channel_moments(&[0.2, 0.5], &[1.0, 0.5]);
+        assert!(
+            m[1].abs() < 1e-6 && (s[1] - 1.0).abs() < 1e-6,
+            "{m:?} {s:?}"
+        );
+        assert_eq!(ds.class_counts(), [2, 1]);
     }
 
     fn idx(magic: u32, dims: &[u32], body: &[u8]) -> Vec<u8> {

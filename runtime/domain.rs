@@ -120,29 +120,15 @@ impl DomainStats {
     /// probabilities of held-out images; `mean` and `std` are the model's normalisation.
     pub fn measure(ds: &Dataset, mean: &[f32], std: &[f32], top1: &[f32]) -> DomainStats {
         let (c, h, w) = (ds.channels, ds.height, ds.width);
-        let plane = (h * w) as f64;
         let mut per_feature: Vec<Vec<f32>> = vec![Vec::with_capacity(ds.len()); FEATURES.len()];
-        let mut sums = vec![(0f64, 0f64); c];
         for i in 0..ds.len() {
             let img = ds.image(i);
             let f = features(img, c, h, w, planar_saturation(img, c));
             for (v, x) in per_feature.iter_mut().zip(f) {
                 v.push(x);
             }
-            for (ch, s) in sums.iter_mut().enumerate() {
-                for &p in &img[ch * h * w..(ch + 1) * h * w] {
-                    let x = (f64::from(p) / 255.0 - f64::from(mean[ch])) / f64::from(std[ch]);
-                    s.0 += x;
-                    s.1 += x * x;
-                }
-            }
         }
-        let n = ds.len().max(1) as f64 * plane;
-        let channel_mean = sums.iter().map(|s| (s.0 / n) as f32).collect();
-        let channel_std = sums
-            .iter()
-            .map(|s| ((s.1 / n - (s.0 / n).powi(2)).max(0.0)).sqrt() as f32)
-            .collect();
+        let (channel_mean, channel_std) = ds.channel_moments(mean, std);
         let ranges = per_feature
             .iter_mut()
             .map(|v| {

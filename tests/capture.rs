@@ -66,11 +66,14 @@ fn capture_writes_the_train_and_test_layout_and_adds_to_it() {
     let ds = wae_edge::dataset::load(
         d.path(),
         wae_edge::dataset::Split::Train,
-        wae_edge::config::InputSpec {
-            channels: 1,
-            height: 28,
-            width: 28,
-        },
+        wae_edge::dataset::FolderSpec::new(
+            wae_edge::config::InputSpec {
+                channels: 1,
+                height: 28,
+                width: 28,
+            },
+            wae_edge::config::ResizeMode::Stretch,
+        ),
     )
     .unwrap();
     assert_eq!(ds.classes, ["cat"]);

@@ -69,6 +69,8 @@ fn options(config: ModelConfig) -> TrainOptions {
         val: 32,
         limit: None,
         augment: false,
+        recipe: Default::default(),
+        balance: false,
     }
 }
 

@@ -307,7 +307,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 height: 28,
                 width: 28,
             };
-            let ds = train::load_split(&dataset, wae_edge::dataset::Split::Train, input)?;
+            let folder =
+                wae_edge::dataset::FolderSpec::new(input, wae_edge::config::ResizeMode::Stretch);
+            let ds = train::load_split(&dataset, wae_edge::dataset::Split::Train, folder)?;
             let r = wae_edge::entropy::dataset_entropy(&ds);
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -399,7 +401,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("layer analysis needs the candle engine")
             };
             let test =
-                train::load_split(&dataset, wae_edge::dataset::Split::Test, clf.config().input)?;
+                train::load_for_model(&dataset, wae_edge::dataset::Split::Test, clf.config())?;
             let idx: Vec<usize> = (0..images.max(2).min(test.len())).collect();
             let xs = wae_edge::eval::batch_tensor(&clf, &test, &idx)?;
             for l in wae_edge::depth::analyse(net, &xs)? {

@@ -30,8 +30,8 @@ use crate::dataset::Dataset;
 use crate::init::SeededInit;
 use crate::model::{Decoder, WaeNet};
 use crate::preprocess::Preprocessor;
-pub use batch::make_batch;
-use batch::shuffled;
+use batch::{balanced_epoch, split_per_class};
+pub use batch::{make_batch, Recipe};
 pub use fold::fold_batch_norm;
 pub use run_dir::RunDir;
 use run_dir::{checkpoint, snapshot, RunState};
@@ -82,8 +82,14 @@ pub struct TrainOptions {
     pub val: usize,
     /// Use at most this many training images (quick runs and tests).
     pub limit: Option<usize>,
-    /// Random flips and +-2 px shifts.
+    /// Augment the training images (per `recipe`).
     pub augment: bool,
+    /// Which augmentations: Fashion-MNIST's flips and shifts, or the photo recipe.
+    #[serde(default)]
+    pub recipe: Recipe,
+    /// Draw each epoch's images class-balanced (with replacement), for uneven classes.
+    #[serde(default)]
+    pub balance: bool,
 }
 
 /// Runs checkpointed before `joint_lr_scale` existed restarted the joint stage at full rate.
@@ -217,11 +223,11 @@ pub fn train(
         },
     };
     let pre = Preprocessor::new(&cfg);
-    // Validation split carved from the training set; the test set is never looked at here.
-    let order = shuffled(train_set.len(), options.seed);
+    // Validation split carved from the training set, class by class; the test set is never
+    // looked at here.
     let val_n = options.val.min(train_set.len() / 5);
-    let val = train_set.subset(&order[..val_n]);
-    let mut train_idx: Vec<usize> = order[val_n..].to_vec();
+    let (val_idx, mut train_idx) = split_per_class(&train_set.labels, val_n, options.seed);
+    let val = train_set.subset(&val_idx);
     if let Some(l) = options.limit {
         train_idx.truncate(l);
     }
@@ -311,6 +317,13 @@ impl Epoch<'_> {
         let (stage, epochs, steps_per_epoch) = (self.stage, self.epochs, self.steps_per_epoch);
         let t0 = Instant::now();
         train_idx.shuffle(&mut rng);
+        let balanced;
+        let order: &[usize] = if self.options.balance {
+            balanced = balanced_epoch(train_idx, &self.train_set.labels, &mut rng);
+            &balanced
+        } else {
+            train_idx
+        };
         let bar = ProgressBar::new(steps_per_epoch as u64);
         bar.set_style(
             ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {elapsed}<{eta} {msg}")
@@ -319,7 +332,7 @@ impl Epoch<'_> {
         bar.set_prefix(format!("{stage:?} {}/{epochs}", epoch + 1));
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = self.peak;
-        for (step, chunk) in train_idx.chunks(self.options.batch).enumerate() {
+        for (step, chunk) in order.chunks(self.options.batch).enumerate() {
             let t = (epoch * steps_per_epoch + step) as f64 / self.total_steps as f64;
             lr = self.peak * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
             opt.set_learning_rate(lr);
@@ -327,7 +340,9 @@ impl Epoch<'_> {
                 self.pre,
                 self.train_set,
                 chunk,
-                self.options.augment.then_some(&mut rng),
+                self.options
+                    .augment
+                    .then_some((&mut rng, self.options.recipe)),
                 self.dev,
             )?;
             let (loss, logits) = self.nets.step_loss(stage, &x, &y, self.options)?;
