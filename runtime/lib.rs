@@ -31,6 +31,7 @@ pub mod overlay;
 pub mod pipeline;
 pub mod prepare;
 pub mod preprocess;
+pub mod preview;
 pub mod profiles;
 pub mod regular_file;
 pub mod sources;

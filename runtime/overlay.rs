@@ -39,6 +39,19 @@ pub fn annotate(img: &mut RgbImage, text: &str, scale: u32) {
     }
 }
 
+/// The frame with its top class drawn on it (`NN.N% label`, scaled with the frame), as
+/// `stream --save`, `--output` and `--serve` show it.
+pub fn annotated(img: &image::DynamicImage, best: &crate::Prediction) -> RgbImage {
+    let mut rgb = img.to_rgb8();
+    let scale = (rgb.height() / 120).max(1);
+    annotate(
+        &mut rgb,
+        &format!("{:.1}% {}", best.score * 100.0, best.label),
+        scale,
+    );
+    rgb
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,96 +5,19 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
-const CLASSES: [&str; 4] = ["ball", "box", "grass", "stripes"];
-
-/// One picture of `class`, 72x56 with pixel noise: a warm disc or a warm rectangle on a cool
-/// background, green grass texture, or diagonal stripes of two random colours.
-fn picture(class: usize, r: &mut StdRng) -> image::RgbImage {
-    let (w, h) = (72i32, 56i32);
-    let cool = [
-        r.random_range(0..90),
-        r.random_range(60..160),
-        r.random_range(120..255),
-    ];
-    let warm = [
-        r.random_range(180..255),
-        r.random_range(40..160),
-        r.random_range(0..60),
-    ];
-    let (cx, cy) = (r.random_range(20..52), r.random_range(18..38));
-    let size = r.random_range(9..17);
-    let (a, b) = (
-        [
-            r.random_range(0..255),
-            r.random_range(0..255),
-            r.random_range(0..255),
-        ],
-        [
-            r.random_range(0..255),
-            r.random_range(0..255),
-            r.random_range(0..255),
-        ],
-    );
-    let period = r.random_range(6..12);
-    let mut img = image::RgbImage::new(w as u32, h as u32);
-    for y in 0..h {
-        for x in 0..w {
-            let (dx, dy) = (x - cx, y - cy);
-            let px: [i32; 3] = match class {
-                0 if dx * dx + dy * dy <= size * size => warm,
-                1 if dx.abs() <= size && dy.abs() <= size * 2 / 3 => warm,
-                0 | 1 => cool,
-                2 => {
-                    let blade = ((x * 7 + y * 3) % 5 == 0) as i32;
-                    [40 + 30 * blade, 110 + 80 * blade, 30]
-                }
-                _ => {
-                    if ((x + y) / period) % 2 == 0 {
-                        a
-                    } else {
-                        b
-                    }
-                }
-            };
-            let noise = r.random_range(-20..=20);
-            img.put_pixel(
-                x as u32,
-                y as u32,
-                image::Rgb(px.map(|v| (v + noise).clamp(0, 255) as u8)),
-            );
-        }
-    }
-    img
-}
-
-/// `dir/train/<class>/` and `dir/test/<class>/`, JPEG and PNG mixed.
-fn write_dataset(dir: &Path, train: usize, test: usize) {
-    let mut r = StdRng::seed_from_u64(2018);
-    for (c, name) in CLASSES.iter().enumerate() {
-        for (split, n) in [("train", train), ("test", test)] {
-            let d = dir.join(split).join(name);
-            std::fs::create_dir_all(&d).unwrap();
-            for i in 0..n {
-                let ext = if i % 3 == 0 { "png" } else { "jpg" };
-                picture(c, &mut r)
-                    .save(d.join(format!("{i:04}.{ext}")))
-                    .unwrap();
-            }
-        }
-    }
-}
+#[path = "support/shapes.rs"]
+mod shapes;
+use shapes::{picture, write_dataset, CLASSES};
 
 #[test]
 fn a_colour_folder_trains_evaluates_and_classifies_with_the_cli_alone() {
     let d = tempfile::tempdir().unwrap();
     let data = d.path().join("shapes");
-    write_dataset(&data, 80, 15);
+    write_dataset(&data, 80, 15, (72, 56), 2018);
     let model = d.path().join("shapes.safetensors");
     let out = bin()
         .args(["train", "--dataset"])
@@ -147,7 +70,7 @@ fn a_colour_folder_trains_evaluates_and_classifies_with_the_cli_alone() {
     let mut r = StdRng::seed_from_u64(99);
     for (c, name) in CLASSES.iter().enumerate() {
         let p = d.path().join(format!("new-{name}.jpg"));
-        picture(c, &mut r).save(&p).unwrap();
+        picture(c, (72, 56), &mut r).save(&p).unwrap();
         let out = classify_json(&model, &p, &[]);
         assert_success(&out);
         let v = &json_lines(&out)[0];
@@ -159,7 +82,7 @@ fn a_colour_folder_trains_evaluates_and_classifies_with_the_cli_alone() {
 fn a_dataset_over_the_memory_budget_is_refused_before_training() {
     let d = tempfile::tempdir().unwrap();
     let data = d.path().join("shapes");
-    write_dataset(&data, 10, 1);
+    write_dataset(&data, 10, 1, (72, 56), 2018);
     // 40 pictures at 512x512x3 need 30 MiB; the budget is 16.
     let out = bin()
         .args(["train", "--dataset"])

@@ -54,6 +54,16 @@ pub struct Args {
     /// on Ctrl-C (feature `gstreamer`).
     #[arg(long, value_name = "FILE.mp4")]
     output: Option<PathBuf>,
+    /// Serve a live preview on ADDR (e.g. 127.0.0.1:8080): `/` a page with the annotated
+    /// video and live numbers, `/stream.mjpg` the video, `/stats.json` the numbers.
+    #[arg(long, value_name = "ADDR")]
+    serve: Option<std::net::SocketAddr>,
+    /// Require this token on every preview request (`?token=` or `Authorization: Bearer`).
+    #[arg(long, env = wae_edge::preview::TOKEN_ENV, hide_env_values = true)]
+    serve_token: Option<String>,
+    /// Preview video viewers at once; more get 503.
+    #[arg(long, default_value_t = wae_edge::preview::MAX_VIEWERS, value_parser = super::at_least_one)]
+    serve_viewers: usize,
     /// Frame rate recorded in --output.
     #[arg(long, default_value_t = 30, value_parser = super::at_least_one)]
     output_fps: usize,
@@ -157,6 +167,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(dir) = &a.save {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let preview = a
+        .serve
+        .map(|addr| start_preview(&a, addr, &clf))
+        .transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     // Ctrl-C ends the stream cleanly; the summary is still printed. A second one exits.
     super::interrupt::stop_with(stop.clone());
@@ -206,6 +220,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 );
             }
             classified += 1;
+            if let Some(p) = &preview {
+                p.observe(r, fps, classified);
+                p.offer_frame(img, &r.top[0]);
+            }
             if let (false, Some(w)) = (warned, r.warnings.first()) {
                 warned = true;
                 let rest = if a.json {
@@ -217,14 +235,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 eprintln!("{clear}warning: frame {}: {}{rest}", r.frame, Escaped(w));
             }
             if let Some(v) = video.as_mut().filter(|_| save_error.is_none()) {
-                if let Err(e) = v.push(&annotated(img, &r.top[0])) {
+                if let Err(e) = v.push(&wae_edge::overlay::annotated(img, &r.top[0])) {
                     stop.store(true, Ordering::Relaxed);
                     save_error = Some(e);
                 }
             }
             if let Some(dir) = &a.save {
                 if (classified - 1).is_multiple_of(a.save_every.max(1)) && save_error.is_none() {
-                    let rgb = annotated(img, &r.top[0]);
+                    let rgb = wae_edge::overlay::annotated(img, &r.top[0]);
                     let path = dir.join(format!("frame_{:06}.png", r.frame));
                     let res =
                         wae_edge::atomic::write_png(&path, &image::DynamicImage::ImageRgb8(rgb))
@@ -255,16 +273,40 @@ pub fn run(a: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The frame with its top class drawn on it, as `--save` and `--output` write it.
-fn annotated(img: &image::DynamicImage, best: &wae_edge::Prediction) -> image::RgbImage {
-    let mut rgb = img.to_rgb8();
-    let scale = (rgb.height() / 120).max(1);
-    wae_edge::overlay::annotate(
-        &mut rgb,
-        &format!("{:.1}% {}", best.score * 100.0, best.label),
-        scale,
+/// Starts `--serve`, warning when the address is reachable from other machines.
+fn start_preview(
+    a: &Args,
+    addr: std::net::SocketAddr,
+    clf: &Classifier,
+) -> Result<wae_edge::preview::Preview> {
+    let token = a.serve_token.clone().filter(|t| !t.is_empty());
+    let p = wae_edge::preview::Preview::start(wae_edge::preview::PreviewOptions {
+        addr,
+        token: token.clone(),
+        max_viewers: a.serve_viewers,
+        model: clf.config().name.clone(),
+    })?;
+    let bound = p.local_addr();
+    if wae_edge::preview::is_public(&bound) {
+        eprintln!(
+            "warning: --serve {bound} is reachable from other machines{}",
+            if token.is_some() {
+                ""
+            } else {
+                "; anyone who reaches it sees the camera (set --serve-token)"
+            }
+        );
+    }
+    eprintln!(
+        "preview: http://{bound}/{}{}",
+        if token.is_some() { "?token=..." } else { "" },
+        if bound.ip().is_unspecified() {
+            " (on any of this machine's addresses)"
+        } else {
+            ""
+        }
     );
-    rgb
+    Ok(p)
 }
 
 /// `--output`: the video is started at the first frame's size. (Without GStreamer it cannot be
