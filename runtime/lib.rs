@@ -26,6 +26,8 @@ pub mod guarded_map;
 pub mod init;
 pub mod mjpeg;
 pub mod model;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod onnx;
 pub mod overlay;
 pub mod pipeline;

@@ -13,6 +13,7 @@ packages=(
   gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
   gstreamer1.0-tools gstreamer1.0-plugins-base-apps gir1.2-gst-rtsp-server-1.0 python3-gi
   gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user python3
+  chromium mosquitto mosquitto-clients
 )
 for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")

@@ -1,16 +1,12 @@
 //! `stream --serve`: the live preview over HTTP, checked with plain sockets and in a real
 //! browser (Debian's headless Chromium, which `scripts/setup.sh` installs).
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use common::*;
 
 /// The shipped Trouser sample: one picture, looped, so the label never changes.
 fn trouser() -> PathBuf {

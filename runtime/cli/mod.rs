@@ -6,6 +6,8 @@ mod capture;
 mod classify;
 mod inspect;
 mod interrupt;
+#[cfg(feature = "mqtt")]
+mod publish;
 mod stream;
 #[cfg(feature = "train")]
 mod train;

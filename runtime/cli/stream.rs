@@ -93,6 +93,9 @@ pub struct Args {
     fps: Option<u32>,
     #[command(flatten)]
     pub(super) placement: Placement,
+    #[cfg(feature = "mqtt")]
+    #[command(flatten)]
+    mqtt: super::publish::MqttArgs,
     /// /dev/videoN, v4l2:///dev/videoN, camera:N, a file, directory or glob, synthetic:WxH[@FPS][+N].
     source: String,
 }
@@ -171,6 +174,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .serve
         .map(|addr| start_preview(&a, addr, &clf))
         .transpose()?;
+    #[cfg(feature = "mqtt")]
+    let mut publishing = super::publish::Publishing::start(&a.mqtt, &clf.config().name)?;
     let stop = Arc::new(AtomicBool::new(false));
     // Ctrl-C ends the stream cleanly; the summary is still printed. A second one exits.
     super::interrupt::stop_with(stop.clone());
@@ -224,6 +229,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 p.observe(r, fps, classified);
                 p.offer_frame(img, &r.top[0]);
             }
+            #[cfg(feature = "mqtt")]
+            if let Some(p) = publishing.as_mut() {
+                p.frame(r, &stop);
+            }
             if let (false, Some(w)) = (warned, r.warnings.first()) {
                 warned = true;
                 let rest = if a.json {
@@ -265,8 +274,15 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(v) = video {
         v.finish()?;
     }
+    #[allow(unused_mut)]
+    let mut summary_line = summary_json(&summary);
+    #[cfg(feature = "mqtt")]
+    if let Some(p) = publishing {
+        let report = p.finish(summary_line["summary"].clone())?;
+        summary_line["summary"]["mqtt"] = serde_json::to_value(report)?;
+    }
     if a.json {
-        println!("{}", summary_json(&summary));
+        println!("{summary_line}");
     } else {
         print_table(&summary);
     }
