@@ -4,7 +4,8 @@
 # and plugins (the `gstreamer` feature: video files, RTSP, `--output`; the tests make clips
 # with gst-launch-1.0, serve RTSP from Python and read videos back with gst-discoverer-1.0),
 # and for the aarch64 check (scripts/arm_check.sh) the cross compiler, its C library and
-# qemu-user. Safe to run again.
+# qemu-user; for the preview and MQTT tests, headless Chromium, the mosquitto broker and
+# openssl (a test CA for mqtts://). Safe to run again.
 set -euo pipefail
 need=()
 packages=(
@@ -13,7 +14,7 @@ packages=(
   gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
   gstreamer1.0-tools gstreamer1.0-plugins-base-apps gir1.2-gst-rtsp-server-1.0 python3-gi
   gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user python3
-  chromium mosquitto mosquitto-clients
+  chromium mosquitto mosquitto-clients openssl
 )
 for pkg in "${packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")

@@ -336,3 +336,81 @@ fn an_absent_broker_fills_the_queue_to_its_cap_and_the_next_run_delivers_it() {
     let expected: Vec<u64> = (151..200).chain([0]).collect();
     assert_eq!(frames, expected);
 }
+
+#[test]
+fn on_change_publishes_a_steady_label_once_and_tls_verifies_the_broker() {
+    let d = tempfile::tempdir().unwrap();
+    // A CA and a broker certificate for 127.0.0.1, made with openssl.
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-ca -keyout ca.key -out ca.pem 2>/dev/null \
+        && openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 -keyout broker.key -out broker.csr 2>/dev/null \
+        && printf 'subjectAltName=IP:127.0.0.1\\n' > ext.cnf \
+        && openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext.cnf -out broker.pem 2>/dev/null \
+        && chmod 644 broker.key");
+    let dir = d.path().display();
+    // The TLS listener for wae-edge, and a plain one for the test's subscriber.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let broker = Broker::start(
+        d.path(),
+        &format!(
+            "allow_anonymous true\ncafile {dir}/ca.pem\ncertfile {dir}/broker.pem\nkeyfile {dir}/broker.key\nlistener {plain} 127.0.0.1"
+        ),
+    );
+    let got = subscribe(plain, None);
+    let trouser =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-wae/samples/01_trouser.png");
+    let url = format!("mqtts://127.0.0.1:{}/cams/d", broker.port);
+    // Without the CA the broker's certificate is not trusted: a clean failure, not a hang.
+    let out = bin()
+        .args([
+            "stream",
+            "--loop",
+            "--frames",
+            "300",
+            "--mqtt",
+            &url,
+            "--mqtt-drain",
+            "2",
+        ])
+        .arg("--mqtt-queue")
+        .arg(d.path().join("q0"))
+        .arg(&trouser)
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unreachable") && err.contains("TLS"), "{err}");
+    assert!(err.contains("still queued"), "{err}");
+    // With it, 300 frames of one steady label make one message (and the summary).
+    let out = bin()
+        .args(["stream", "--loop", "--frames", "300", "--mqtt", &url])
+        .args(["--mqtt-on-change", "--mqtt-heartbeat", "600", "--mqtt-ca"])
+        .arg(d.path().join("ca.pem"))
+        .arg("--mqtt-queue")
+        .arg(d.path().join("q1"))
+        .arg(&trouser)
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    wait_until(&got, "the summary", |g| summaries(g, "cams/d") == 1);
+    let got = got.lock().unwrap();
+    assert_eq!(frames_on(&got, "cams/d"), [0]);
+    assert_eq!(got[0].1["top"][0]["label"], "Trouser");
+}
