@@ -24,11 +24,11 @@ impl Broker {
     /// Starts mosquitto with `extra` config lines, persisting sessions (so a subscriber's
     /// queued messages survive a restart).
     fn start(dir: &Path, extra: &str) -> Broker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Broker::start_on(dir, free_port(), extra)
+    }
+
+    /// [`Broker::start`] on a given port.
+    fn start_on(dir: &Path, port: u16, extra: &str) -> Broker {
         // Started as root, mosquitto drops to its own user, which must be able to write there.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -93,6 +93,22 @@ impl Drop for Broker {
             let _ = c.wait();
         }
     }
+}
+
+/// A loopback port nothing listens on (at the moment of asking).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// (delivered, queued, dropped) from a `--json` run's summary.
+fn mqtt_counts(out: &std::process::Output) -> (u64, u64, u64) {
+    let m = json_lines(out).pop().unwrap()["summary"]["mqtt"].clone();
+    let n = |k: &str| m[k].as_u64().unwrap_or_else(|| panic!("{m}"));
+    (n("delivered"), n("queued"), n("dropped"))
 }
 
 type Received = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
@@ -196,17 +212,9 @@ fn every_frame_arrives_across_a_broker_restart() {
         err.contains("unreachable") && err.contains("connected to"),
         "{err}"
     );
+    assert_eq!(mqtt_counts(&out), (601, 0, 0));
     let summary = json_lines(&out).pop().unwrap();
     let m = &summary["summary"]["mqtt"];
-    assert_eq!(
-        (
-            m["delivered"].as_u64(),
-            m["queued"].as_u64(),
-            m["dropped"].as_u64()
-        ),
-        (Some(601), Some(0), Some(0)),
-        "{m}"
-    );
     assert!(m["connections"].as_u64().unwrap() >= 2, "{m}");
 
     wait_until(&got, "every frame and the summary", |g| {
@@ -272,11 +280,7 @@ fn a_refused_login_is_one_line_and_the_right_one_publishes() {
 fn an_absent_broker_fills_the_queue_to_its_cap_and_the_next_run_delivers_it() {
     let d = tempfile::tempdir().unwrap();
     let queue = d.path().join("queue");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let run = |frames: &str, max: &str| {
         bin()
             .args(["stream", "--json", "--mqtt"])
@@ -292,42 +296,17 @@ fn an_absent_broker_fills_the_queue_to_its_cap_and_the_next_run_delivers_it() {
     // Nobody listens: 200 frames and the summary, the queue keeps the newest 50.
     let out = run("200", "50");
     assert_success(&out);
-    let m = json_lines(&out).pop().unwrap()["summary"]["mqtt"].clone();
-    assert_eq!(
-        (
-            m["delivered"].as_u64(),
-            m["queued"].as_u64(),
-            m["dropped"].as_u64()
-        ),
-        (Some(0), Some(50), Some(151)),
-        "{m}"
-    );
+    assert_eq!(mqtt_counts(&out), (0, 50, 151));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("50 message(s) still queued"), "{err}");
 
     // The broker comes up; the next run delivers what was left, then its own.
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
-    )
-    .unwrap();
-    let mut b = Broker {
-        child: None,
-        port,
-        conf,
-    };
-    b.resume();
+    let _broker = Broker::start_on(dir.path(), port, "allow_anonymous true");
     let got = subscribe(port, None);
     let out = run("1", "1000");
     assert_success(&out);
-    let m = json_lines(&out).pop().unwrap()["summary"]["mqtt"].clone();
-    assert_eq!(
-        (m["delivered"].as_u64(), m["queued"].as_u64()),
-        (Some(52), Some(0)),
-        "{m}"
-    );
+    assert_eq!(mqtt_counts(&out), (52, 0, 0));
     wait_until(&got, "the queue and the new run", |g| {
         summaries(g, "cams/c") == 2
     });
@@ -361,11 +340,7 @@ fn on_change_publishes_a_steady_label_once_and_tls_verifies_the_broker() {
         && chmod 644 broker.key");
     let dir = d.path().display();
     // The TLS listener for wae-edge, and a plain one for the test's subscriber.
-    let plain = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let plain = free_port();
     let broker = Broker::start(
         d.path(),
         &format!(
