@@ -232,6 +232,14 @@ impl Publisher {
             path: o.queue_dir.clone(),
             cause: e.to_string(),
         })?;
+        // One writer per queue: two streams appending to one file would interleave records.
+        let lock = std::fs::File::create(o.queue_dir.join("queue.lock"))
+            .map_err(|e| qerr(e.to_string()))?;
+        if lock.try_lock().is_err() {
+            return Err(qerr(
+                "in use by another wae-edge; give each stream its own --mqtt-queue".into(),
+            ));
+        }
         let mut queue = QueueFile::open(&queue_path).map_err(|e| qerr(e.to_string()))?;
         // Synchronous writes would fsync every frame; a process that ends (even killed) keeps
         // what it wrote, and only a power cut can lose the last few.
@@ -259,6 +267,7 @@ impl Publisher {
             .spawn(move || protocol_loop(connection, events_tx))
             .map_err(|e| qerr(format!("starting the publisher: {e}")))?;
         let worker = Worker {
+            _lock: lock,
             queue,
             client,
             options: o,
@@ -364,6 +373,8 @@ struct Handed {
 
 /// The publisher thread's state.
 struct Worker {
+    /// Held (locked) for as long as the queue is in use.
+    _lock: std::fs::File,
     queue: QueueFile,
     client: Client,
     options: PublisherOptions,
@@ -599,6 +610,37 @@ fn tls_config(ca: Option<&Path>) -> Result<TlsConfiguration, MqttError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_has_one_writer_and_keeps_what_it_could_not_deliver() {
+        let d = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let options = PublisherOptions {
+            target: format!("mqtt://127.0.0.1:{port}/t").parse().unwrap(),
+            queue_dir: d.path().to_path_buf(),
+            queue_max: 3,
+            ca: None,
+            client_id: "unit".into(),
+            drain: Duration::ZERO,
+        };
+        let first = Publisher::start(options.clone()).unwrap();
+        let e = Publisher::start(options.clone()).err().unwrap().to_string();
+        assert!(e.contains("in use by another wae-edge"), "{e}");
+        for i in 0..5u8 {
+            first.frame(vec![b'0' + i]);
+        }
+        let r = first.finish().unwrap();
+        assert_eq!((r.delivered, r.queued, r.dropped), (0, 3, 2));
+        // The lock went with the first; the newest three wait in order.
+        drop(Publisher::start(options).unwrap());
+        let q = QueueFile::open(d.path().join("queue.qf")).unwrap();
+        let items: Vec<Vec<u8>> = q.iter().collect();
+        assert_eq!(items, [vec![0, b'2'], vec![0, b'3'], vec![0, b'4']]);
+    }
 
     #[test]
     fn urls_parse_without_leaking_the_password() {
