@@ -389,6 +389,24 @@ impl ModelConfig {
             .collect()
     }
 
+    /// Switches the network to `kind`, keeping its backbone and heads: the encoder goes for
+    /// every kind but the WAE (which gets one 16-wide conv if it had none), the fusion head for
+    /// the single-branch kinds (the two-branch ones get one like `head_low` if they had none).
+    pub fn set_kind(&mut self, kind: ArchKind) {
+        let a = &mut self.arch;
+        a.kind = kind;
+        if kind != ArchKind::Wae {
+            a.encoder.clear();
+        } else if a.encoder.is_empty() {
+            a.encoder = vec![16];
+        }
+        if !kind.has_branch() {
+            a.head_fuse.clear();
+        } else if a.head_fuse.is_empty() {
+            a.head_fuse = a.head_low.clone();
+        }
+    }
+
     /// The same network without the split: the baseline to compare a WAE against.
     pub fn plain_counterpart(&self) -> ModelConfig {
         let mut c = self.clone();
@@ -442,25 +460,11 @@ pub fn for_input(
     labels: Vec<String>,
     resize: ResizeMode,
 ) -> ModelConfig {
-    let mut c = preset(match kind {
-        ArchKind::Plain => "plain-fashion",
-        _ => "wae-fashion",
-    })
-    .expect("built-in preset");
-    c.arch.kind = kind;
-    if kind == ArchKind::Haar || kind == ArchKind::NaiveHalf {
-        c.arch.encoder.clear();
-    }
-    if !kind.has_branch() {
-        c.arch.head_fuse.clear();
-    }
+    let mut c = preset("wae-fashion").expect("built-in preset");
+    c.set_kind(kind);
     c.name = name.to_string();
     c.input = input;
-    let (bh, bw) = if kind.is_half() {
-        (input.height / 2, input.width / 2)
-    } else {
-        (input.height, input.width)
-    };
+    let (bh, bw) = c.backbone_input();
     c.arch.backbone = scaled_backbone(bh, bw);
     c.preprocess = Preprocess {
         resize,

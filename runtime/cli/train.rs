@@ -244,30 +244,24 @@ fn arch_kind(k: Kind) -> ArchKind {
 fn preset_config(a: &TrainArgs) -> Result<ModelConfig> {
     let mut config = preset(&a.preset).context("unknown preset")?;
     if let Some(k) = a.kind {
-        config.arch.kind = arch_kind(k);
-        if config.arch.kind != ArchKind::Wae {
-            config.arch.encoder.clear();
-        } else if config.arch.encoder.is_empty() {
-            config.arch.encoder = vec![16];
-        }
-        if !config.arch.kind.has_branch() {
-            config.arch.head_fuse.clear();
-        } else if config.arch.head_fuse.is_empty() {
-            config.arch.head_fuse = config.arch.head_low.clone();
-        }
+        config.set_kind(arch_kind(k));
         config.name = format!("{}-{:?}", a.preset, k).to_lowercase();
     }
     Ok(config)
 }
 
-/// The network for an image folder: the preset's at `--input` (backbone scaled), or at the
-/// preset's input; labels from the folder names, normalisation measured on the pictures.
-fn folder_config(a: &TrainArgs, train_set: &Dataset, folder: FolderSpec) -> Result<ModelConfig> {
+/// The network for image folder `dir`: `config` (the preset's) at `--input` with the backbone
+/// scaled, or as it is; labels from the folder names, normalisation measured on the pictures.
+fn folder_config(
+    a: &TrainArgs,
+    mut config: ModelConfig,
+    dir: &Path,
+    train_set: &Dataset,
+    folder: FolderSpec,
+) -> ModelConfig {
     let FolderSpec { input, resize, .. } = folder;
-    let mut config = preset_config(a)?;
     if a.input.is_some() {
-        let folder = dataset_dir(&a.dataset);
-        let stem = folder
+        let stem = dir
             .file_name()
             .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
         let kind = a.kind.map_or(ArchKind::Wae, arch_kind);
@@ -283,7 +277,7 @@ fn folder_config(a: &TrainArgs, train_set: &Dataset, folder: FolderSpec) -> Resu
     config.preprocess.mean = mean;
     // A constant channel would divide by zero; 1/255 is one grey level.
     config.preprocess.std = std.into_iter().map(|s| s.max(1.0 / 255.0)).collect();
-    Ok(config)
+    config
 }
 
 /// Prints the images per class and says whether balancing is on; returns whether it is.
@@ -352,7 +346,7 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
     let dev = device::select(a.device)?;
     let train_set = load_split(&a.dataset, Split::Train, folder)?;
     if folders {
-        config = folder_config(&a, &train_set, folder)?;
+        config = folder_config(&a, config, &dir, &train_set, folder);
     }
     if let Some(b) = &a.backbone {
         config.arch.backbone = parse_backbone(b)?;
@@ -363,7 +357,7 @@ pub fn run_train(a: TrainArgs) -> Result<ExitCode> {
     config.validate()?;
     let balance = report_classes(&train_set, a.balance);
     let batch = a.batch.unwrap_or(if folders { FOLDER_BATCH } else { 128 });
-    let val = a.val.min(train_set.len() / 5);
+    let val = train::validation_size(a.val, train_set.len());
     let steps = (train_set.len() - val)
         .min(a.limit.unwrap_or(usize::MAX))
         .div_ceil(batch)

@@ -133,6 +133,12 @@ pub fn plan(o: &TrainOptions) -> Vec<(Stage, usize)> {
     }
 }
 
+/// Images held out for validation from a training set of `n` when `val` are asked for: at
+/// most a fifth of it.
+pub fn validation_size(val: usize, n: usize) -> usize {
+    val.min(n / 5)
+}
+
 /// Result of a finished run.
 #[derive(Debug)]
 pub struct TrainReport {
@@ -225,7 +231,7 @@ pub fn train(
     let pre = Preprocessor::new(&cfg);
     // Validation split carved from the training set, class by class; the test set is never
     // looked at here.
-    let val_n = options.val.min(train_set.len() / 5);
+    let val_n = validation_size(options.val, train_set.len());
     let (val_idx, mut train_idx) = split_per_class(&train_set.labels, val_n, options.seed);
     let val = train_set.subset(&val_idx);
     if let Some(l) = options.limit {
