@@ -94,14 +94,70 @@ struct Shared {
     viewers: AtomicUsize,
     connections: AtomicUsize,
     stop: AtomicBool,
-    /// Recent stage times and when the stats were last rebuilt (pipeline thread only).
-    recent: Mutex<Recent>,
 }
 
-/// The last [`STAGE_WINDOW`] frames' stage times.
-struct Recent {
-    stages: std::collections::BTreeMap<&'static str, std::collections::VecDeque<f64>>,
-    built: Option<std::time::Instant>,
+/// The counter of open connections.
+fn connections(s: &Shared) -> &AtomicUsize {
+    &s.connections
+}
+
+/// The counter of video viewers.
+fn viewers(s: &Shared) -> &AtomicUsize {
+    &s.viewers
+}
+
+/// One of a bounded number of places (a connection, a viewer), counted for as long as it lives.
+struct Slot {
+    shared: Arc<Shared>,
+    counter: fn(&Shared) -> &AtomicUsize,
+}
+
+impl Slot {
+    /// A place if fewer than `max` are taken.
+    fn take(
+        shared: &Arc<Shared>,
+        counter: fn(&Shared) -> &AtomicUsize,
+        max: usize,
+    ) -> Option<Slot> {
+        let c = counter(shared);
+        if c.fetch_add(1, Ordering::AcqRel) >= max {
+            c.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot {
+            shared: shared.clone(),
+            counter,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        (self.counter)(&self.shared).fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Waits until `ready_now` holds for the value behind `m`, woken by `ready` (and every 500 ms to
+/// look at `stop`); `None` once the server stops.
+fn wait_until<'a, T>(
+    m: &'a Mutex<T>,
+    ready: &Condvar,
+    stop: &AtomicBool,
+    ready_now: impl Fn(&T) -> bool,
+) -> Option<MutexGuard<'a, T>> {
+    let mut guard = lock(m);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        if ready_now(&guard) {
+            return Some(guard);
+        }
+        guard = ready
+            .wait_timeout(guard, Duration::from_millis(500))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
 }
 
 /// A poisoned lock only means a viewer thread panicked mid-update; the data is still usable.
@@ -114,6 +170,10 @@ pub struct Preview {
     shared: Arc<Shared>,
     addr: SocketAddr,
     threads: Vec<JoinHandle<()>>,
+    /// The last [`STAGE_WINDOW`] frames' stage times, per stage.
+    recent: std::collections::BTreeMap<&'static str, std::collections::VecDeque<f64>>,
+    /// When `/stats.json` was last rebuilt.
+    built: Option<std::time::Instant>,
 }
 
 impl Preview {
@@ -134,10 +194,6 @@ impl Preview {
             viewers: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
-            recent: Mutex::new(Recent {
-                stages: Default::default(),
-                built: None,
-            }),
         });
         let accept = {
             let shared = shared.clone();
@@ -157,6 +213,8 @@ impl Preview {
             shared,
             addr,
             threads: vec![accept, encoder],
+            recent: Default::default(),
+            built: None,
         })
     }
 
@@ -187,21 +245,20 @@ impl Preview {
     /// Takes one classified frame into the live numbers: `fps` now, `frames` so far, and the
     /// frame's classes, stage times and warnings. `/stats.json` is rebuilt at most every
     /// [`STATS_EVERY`].
-    pub fn observe(&self, r: &FrameResult, fps: f64, frames: u64) {
-        let mut recent = lock(&self.shared.recent);
+    pub fn observe(&mut self, r: &FrameResult, fps: f64, frames: u64) {
         for (name, ms) in &r.ms {
-            let w = recent.stages.entry(name).or_default();
+            let w = self.recent.entry(name).or_default();
             if w.len() == STAGE_WINDOW {
                 w.pop_front();
             }
             w.push_back(*ms);
         }
-        if recent.built.is_some_and(|t| t.elapsed() < STATS_EVERY) {
+        if self.built.is_some_and(|t| t.elapsed() < STATS_EVERY) {
             return;
         }
-        recent.built = Some(std::time::Instant::now());
-        let p50: serde_json::Map<String, Value> = recent
-            .stages
+        self.built = Some(std::time::Instant::now());
+        let p50: serde_json::Map<String, Value> = self
+            .recent
             .iter()
             .map(|(name, w)| {
                 let mut v: Vec<f64> = w.iter().copied().collect();
@@ -251,8 +308,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         };
         let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
         let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-        if shared.connections.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
+        let Some(slot) = Slot::take(shared, connections, MAX_CONNECTIONS) else {
             let _ = respond(
                 &mut stream,
                 "503 Service Unavailable",
@@ -260,40 +316,31 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                 b"busy\n",
             );
             continue;
-        }
-        let mine = shared.clone();
-        let spawned = std::thread::Builder::new()
+        };
+        // Out of threads, the connection goes, and its slot with it.
+        let _ = std::thread::Builder::new()
             .name("preview-conn".into())
             .spawn(move || {
-                let _ = serve(stream, &mine);
-                mine.connections.fetch_sub(1, Ordering::AcqRel);
+                let _ = serve(stream, &slot.shared);
             });
-        if spawned.is_err() {
-            // Out of threads: the connection is dropped, the count stays right.
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
-        }
     }
 }
 
 /// Annotates and encodes the newest frame whenever one is offered.
 fn encode_loop(shared: &Shared) {
     loop {
-        let (img, best) = {
-            let mut raw = lock(&shared.raw);
-            loop {
-                if shared.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                if let Some(r) = raw.take() {
-                    break r;
-                }
-                raw = shared
-                    .raw_ready
-                    .wait_timeout(raw, Duration::from_millis(500))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+        let Some(mut raw) = wait_until(
+            &shared.raw,
+            &shared.raw_ready,
+            &shared.stop,
+            Option::is_some,
+        ) else {
+            return;
         };
+        let Some((img, best)) = raw.take() else {
+            continue;
+        };
+        drop(raw);
         // A 28x28 frame would show as a smudge under an unreadable label: small frames are
         // enlarged (whole multiples, nearest neighbour, so pixels stay sharp) before annotating.
         let factor = MIN_SHOWN_HEIGHT.div_ceil(img.height().max(1)).max(1);
@@ -375,7 +422,7 @@ fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &[u8]) -> std
 }
 
 /// Answers one connection.
-fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> std::io::Result<()> {
     let Some(req) = read_request(&mut stream) else {
         return respond(
             &mut stream,
@@ -431,48 +478,30 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     }
 }
 
-/// Counts a viewer for as long as it lives.
-struct Viewer<'a>(&'a AtomicUsize);
-
-impl Drop for Viewer<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Sends the newest frame whenever the socket takes it, until the viewer goes or the server
 /// stops.
-fn stream_mjpeg(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    if shared.viewers.fetch_add(1, Ordering::AcqRel) >= shared.options.max_viewers {
-        shared.viewers.fetch_sub(1, Ordering::AcqRel);
+fn stream_mjpeg(mut stream: TcpStream, shared: &Arc<Shared>) -> std::io::Result<()> {
+    let Some(_viewer) = Slot::take(shared, viewers, shared.options.max_viewers) else {
         return respond(
             &mut stream,
             "503 Service Unavailable",
             "text/plain",
             b"too many viewers\n",
         );
-    }
-    let _viewer = Viewer(&shared.viewers);
+    };
     stream.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=frame\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
     )?;
     let mut last = 0u64;
     loop {
-        let jpeg = {
-            let mut e = lock(&shared.encoded);
-            while e.seq == last {
-                if shared.stop.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                e = shared
-                    .encoded_ready
-                    .wait_timeout(e, Duration::from_millis(500))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            last = e.seq;
-            e.jpeg.clone()
+        let ready = |e: &Encoded| e.seq != last;
+        let Some(e) = wait_until(&shared.encoded, &shared.encoded_ready, &shared.stop, ready)
+        else {
+            return Ok(());
         };
+        last = e.seq;
+        let jpeg = e.jpeg.clone();
+        drop(e);
         let head = format!(
             "--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
             jpeg.len()

@@ -170,7 +170,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(dir) = &a.save {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let preview = a
+    let mut preview = a
         .serve
         .map(|addr| start_preview(&a, addr, &clf))
         .transpose()?;
@@ -225,7 +225,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 );
             }
             classified += 1;
-            if let Some(p) = &preview {
+            if let Some(p) = preview.as_mut() {
                 p.observe(r, fps, classified);
                 p.offer_frame(img, &r.top[0]);
             }
