@@ -372,19 +372,22 @@ pub fn image_folder(dir: &Path, spec: FolderSpec) -> Result<Dataset, DatasetErro
         indicatif::ProgressStyle::with_template("decoding {pos}/{len} {bar:30} {elapsed}<{eta}")
             .expect("static template"),
     );
-    // Decoding dominates loading a folder of photos; every core takes a share, and the order
-    // (hence labels and seeds) does not depend on how many.
-    let decoded: Vec<Vec<u8>> = files
-        .par_iter()
-        .map(|(f, _)| {
+    // Decoding dominates loading a folder of photos; every core takes a share, each picture goes
+    // straight to its place in the one buffer (so memory peaks at the budget, not twice it), and
+    // the order (hence labels and seeds) does not depend on how many cores.
+    let mut pixels = vec![0u8; needed as usize];
+    pixels
+        .par_chunks_mut(per_image as usize)
+        .zip(files.par_iter())
+        .try_for_each(|(dst, (f, _))| {
             let img = crate::preprocess::load_image(f).map_err(|e| DatasetError::Corrupt {
                 path: f.clone(),
                 reason: e.to_string(),
-            });
+            })?;
+            dst.copy_from_slice(&pre.planar_u8(&img));
             bar.inc(1);
-            img.map(|img| pre.planar_u8(&img))
-        })
-        .collect::<Result<_, _>>()?;
+            Ok::<(), DatasetError>(())
+        })?;
     bar.finish_and_clear();
     let classes = classes
         .iter()
@@ -394,7 +397,7 @@ pub fn image_folder(dir: &Path, spec: FolderSpec) -> Result<Dataset, DatasetErro
         })
         .collect();
     Ok(Dataset {
-        pixels: decoded.concat(),
+        pixels,
         labels: files.iter().map(|f| f.1).collect(),
         channels: input.channels,
         height: input.height,
