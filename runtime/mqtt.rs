@@ -216,7 +216,6 @@ pub struct Publisher {
     counters: Arc<Counters>,
     fatal: Arc<Mutex<Option<MqttError>>>,
     thread: Option<JoinHandle<Result<(), MqttError>>>,
-    queue_path: PathBuf,
 }
 
 impl Publisher {
@@ -286,7 +285,6 @@ impl Publisher {
             counters,
             fatal,
             thread: Some(thread),
-            queue_path,
         })
     }
 
@@ -332,11 +330,6 @@ impl Publisher {
             dropped: self.counters.dropped.load(Ordering::Relaxed),
             connections: self.counters.connections.load(Ordering::Relaxed),
         })
-    }
-
-    /// The queue file.
-    pub fn queue_path(&self) -> &Path {
-        &self.queue_path
     }
 }
 

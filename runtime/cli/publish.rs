@@ -68,6 +68,7 @@ fn host_name() -> String {
 /// A running `--mqtt`: the publisher and what decides which frames it gets.
 pub struct Publishing {
     publisher: Publisher,
+    queue_dir: PathBuf,
     device: String,
     model: String,
     every: usize,
@@ -115,6 +116,7 @@ impl Publishing {
         );
         Ok(Some(Publishing {
             publisher,
+            queue_dir,
             device,
             model: model.to_string(),
             every: a.mqtt_every,
@@ -164,18 +166,16 @@ impl Publishing {
     /// Publishes the summary, waits for the queue to drain (up to `--mqtt-drain`) and reports.
     pub fn finish(self, summary: Value) -> Result<PublishReport> {
         self.publisher.summary(self.message(summary));
-        let queue = self.publisher.queue_path().to_path_buf();
         let report = self.publisher.finish()?;
         eprintln!(
             "mqtt: {} delivered, {} queued, {} dropped",
             report.delivered, report.queued, report.dropped
         );
         if report.queued > 0 {
-            let dir = queue.parent().map(|p| p.display().to_string());
             eprintln!(
                 "mqtt: {} message(s) still queued in {}; the next run with this queue delivers them",
                 report.queued,
-                Escaped(dir.as_deref().unwrap_or("?"))
+                Escaped(self.queue_dir.display())
             );
         }
         Ok(report)
