@@ -28,10 +28,20 @@ fn shipped_samples() -> Vec<PathBuf> {
 /// A picture as a webcam sends it: RGB, 4:2:2, the standard Huffman tables (not optimised),
 /// then its DHT and APP0 segments removed.
 fn webcam_jpeg(img: &image::RgbImage) -> Vec<u8> {
+    wae_edge::mjpeg::strip_tables(&jpeg(img, |enc| {
+        enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_2);
+        enc.set_optimized_huffman_tables(false);
+    }))
+}
+
+/// `img` as a quality-95 JPEG from jpeg-encoder, set up by `setup` first.
+fn jpeg(
+    img: &image::RgbImage,
+    setup: impl FnOnce(&mut jpeg_encoder::Encoder<&mut Vec<u8>>),
+) -> Vec<u8> {
     let mut out = Vec::new();
     let mut enc = jpeg_encoder::Encoder::new(&mut out, 95);
-    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_2);
-    enc.set_optimized_huffman_tables(false);
+    setup(&mut enc);
     enc.encode(
         img.as_raw(),
         img.width() as u16,
@@ -39,7 +49,7 @@ fn webcam_jpeg(img: &image::RgbImage) -> Vec<u8> {
         jpeg_encoder::ColorType::Rgb,
     )
     .unwrap();
-    wae_edge::mjpeg::strip_tables(&out)
+    out
 }
 
 /// Top-1 labels of `classify --json` over `inputs`, in order.
@@ -153,19 +163,11 @@ fn phone_pictures_are_classified_the_way_they_are_seen() {
     // Stored turned a quarter to the left, with the tag that says "turn right to view".
     let stored = image::imageops::rotate270(&upright);
     let encode = |exif: Option<Vec<u8>>| {
-        let mut out = Vec::new();
-        let mut enc = jpeg_encoder::Encoder::new(&mut out, 95);
-        if let Some(e) = exif {
-            enc.add_app_segment(1, e).unwrap();
-        }
-        enc.encode(
-            stored.as_raw(),
-            stored.width() as u16,
-            stored.height() as u16,
-            jpeg_encoder::ColorType::Rgb,
-        )
-        .unwrap();
-        out
+        jpeg(&stored, |enc| {
+            if let Some(e) = exif {
+                enc.add_app_segment(1, e).unwrap();
+            }
+        })
     };
     let tagged = d.path().join("tagged.jpg");
     std::fs::write(&tagged, encode(Some(exif_orientation(6)))).unwrap();
