@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
@@ -235,12 +236,11 @@ fn untrusted_text_is_escaped_on_the_terminal_and_exact_in_json() {
     let model = d.path().join("hostile.safetensors");
     write_model(&model, &cfg, &raws);
     let img = sample_png(d.path(), "x\n  12.00%  class #4   Forged.png");
-    let out = bin()
-        .args(["classify", "--top-k", "10", "--model"])
-        .arg(&model)
-        .arg(&img)
-        .output()
-        .unwrap();
+    let out = run_with_model(
+        "classify",
+        &model,
+        [OsStr::new("--top-k"), "10".as_ref(), img.as_os_str()],
+    );
     assert_success(&out);
     assert_terminal_safe("stdout", &out.stdout);
     assert_terminal_safe("stderr", &out.stderr);
@@ -292,12 +292,7 @@ fn untrusted_text_is_escaped_on_the_terminal_and_exact_in_json() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("\\u{1b}]0;owned"));
     assert_terminal_safe("profile", &out.stderr);
     let missing = d.path().join("gone\u{1b}[2J.png");
-    let out = bin()
-        .args(["classify", "--model"])
-        .arg(&model)
-        .arg(&missing)
-        .output()
-        .unwrap();
+    let out = run_with_model("classify", &model, [&missing]);
     assert_clean_failure(&out, "gone\\u{1b}[2J.png");
     assert_terminal_safe("error", &out.stderr);
 }
@@ -484,19 +479,9 @@ fn images_and_synthetic_sources_too_big_after_decoding_are_refused() {
     // 16-bit gray, 16384 x 16383: within the side limit, 512 MiB decoded, 268 megapixels.
     let big = d.path().join("big16.png");
     std::fs::write(&big, png_header(16384, 16383, 16, 0)).unwrap();
-    let out = bin()
-        .args(["classify", "--model"])
-        .arg(&model)
-        .arg(&big)
-        .output()
-        .unwrap();
+    let out = run_with_model("classify", &model, [&big]);
     assert_clean_failure(&out, "image too large to decode");
-    let out = bin()
-        .args(["stream", "--frames", "1", "--model"])
-        .arg(&model)
-        .arg("synthetic:8192x8192")
-        .output()
-        .unwrap();
+    let out = run_with_model("stream", &model, ["--frames", "1", "synthetic:8192x8192"]);
     assert_clean_failure(&out, "not in 8..=4096");
 }
 
