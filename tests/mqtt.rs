@@ -212,17 +212,22 @@ fn every_frame_arrives_across_a_broker_restart() {
         err.contains("unreachable") && err.contains("connected to"),
         "{err}"
     );
-    assert_eq!(mqtt_counts(&out), (601, 0, 0));
+    // A paced source is live: on a loaded machine the pipeline may skip a stale frame, and the
+    // summary counts it as dropped. Every frame it classified (plus the summary) must arrive.
     let summary = json_lines(&out).pop().unwrap();
-    let m = &summary["summary"]["mqtt"];
+    let s = &summary["summary"];
+    let frames = s["frames"].as_u64().unwrap();
+    assert!((500..=600).contains(&frames), "{s}");
+    assert_eq!(mqtt_counts(&out), (frames + 1, 0, 0));
+    let m = &s["mqtt"];
     assert!(m["connections"].as_u64().unwrap() >= 2, "{m}");
 
     wait_until(&got, "every frame and the summary", |g| {
         frames_on(g, "cams/a")
             .into_iter()
             .collect::<BTreeSet<_>>()
-            .len()
-            == 600
+            .len() as u64
+            == frames
             && summaries(g, "cams/a") >= 1
     });
     let got = got.lock().unwrap();
