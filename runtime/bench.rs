@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::classifier::{Engine, EngineKind};
+use crate::gpu::GraphMode;
 use crate::model::macs;
 use crate::stats::{summarize, Summary};
 use crate::weights::ModelFile;
@@ -38,6 +39,8 @@ pub struct Bench {
     pub path: String,
     samples: Vec<Duration>,
     stages: BTreeMap<&'static str, Vec<Duration>>,
+    /// Per pass, the sum of the stage times (GPU time for the CUDA engine).
+    gpu: Vec<Duration>,
 }
 
 /// Results for one model.
@@ -69,6 +72,17 @@ pub struct BenchReport {
     pub stages: BTreeMap<&'static str, Summary>,
     /// Inference MACs per image.
     pub macs: u64,
+    /// How the CUDA engine ran: `graph` or `eager` (absent elsewhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub execution: Option<String>,
+    /// CUDA engine: median GPU time of a pass between events recorded around it (in graph mode
+    /// the kernels run back to back, so about their summed time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_p50_ms: Option<f64>,
+    /// Largest logit difference from the CPU engine on the same (f16-rounded) input, over the
+    /// largest CPU logit; set by [`Bench::rel_diff_to_cpu`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rel_diff: Option<f64>,
     /// Per-conv medians, when asked for ([`Bench::layers`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<LayerReport>>,
@@ -107,10 +121,21 @@ impl Bench {
         batch: usize,
         kind: EngineKind,
     ) -> Result<Bench, crate::weights::WeightsError> {
+        Bench::load_graph(path, device, batch, kind, GraphMode::Auto)
+    }
+
+    /// [`Bench::load`] with a CUDA graph mode.
+    pub fn load_graph(
+        path: &std::path::Path,
+        device: &Device,
+        batch: usize,
+        kind: EngineKind,
+        graph: GraphMode,
+    ) -> Result<Bench, crate::weights::WeightsError> {
         let t = Instant::now();
         let file = ModelFile::open(path)?;
         let config = file.config().clone();
-        let engine = Engine::build(file, device, kind)?;
+        let engine = Engine::build_with(file, device, kind, graph)?;
         let init = t.elapsed();
         let candle = |cause| crate::weights::WeightsError::Candle {
             path: path.into(),
@@ -136,6 +161,7 @@ impl Bench {
             path: path.display().to_string(),
             samples: vec![],
             stages: BTreeMap::new(),
+            gpu: vec![],
         })
     }
 
@@ -149,13 +175,47 @@ impl Bench {
             for (name, d) in st.named() {
                 self.stages.entry(name).or_default().push(d);
             }
+            self.gpu.push(st.named().iter().map(|(_, d)| *d).sum());
         }
         Ok(total)
+    }
+
+    /// Largest logit difference between this engine and the CPU engine on the same input
+    /// (rounded to f16, as a GPU engine sees it), over the largest CPU logit; `None` when this
+    /// is the CPU engine.
+    pub fn rel_diff_to_cpu(&self) -> Result<Option<f64>, crate::weights::WeightsError> {
+        if matches!(self.engine, Engine::Cpu(_)) {
+            return Ok(None);
+        }
+        let candle = |cause| crate::weights::WeightsError::Candle {
+            path: self.path.clone().into(),
+            cause,
+        };
+        let cpu = Engine::build(ModelFile::open(&self.path)?, &Device::Cpu, EngineKind::Auto)?;
+        let x = self
+            .input
+            .to_device(&Device::Cpu)
+            .and_then(|x| x.to_dtype(candle_core::DType::F16))
+            .and_then(|x| x.to_dtype(candle_core::DType::F32))
+            .map_err(candle)?;
+        let (ours, _) = self
+            .engine
+            .logits_timed(&x.to_device(self.input.device()).map_err(candle)?)
+            .map_err(candle)?;
+        let (reference, _) = cpu.logits_timed(&x).map_err(candle)?;
+        let (mut diff, mut top) = (0f64, 0f64);
+        for (a, b) in ours.iter().flatten().zip(reference.iter().flatten()) {
+            diff = diff.max(f64::from((a - b).abs()));
+            top = top.max(f64::from(b.abs()));
+        }
+        Ok(Some(diff / top.max(f64::MIN_POSITIVE)))
     }
 
     /// The report of what was recorded.
     pub fn report(&self) -> BenchReport {
         let s = summarize(&self.samples);
+        let gpu_timed = self.engine.gpu_timed();
+        let gpu_p50_ms = gpu_timed.then(|| summarize(&self.gpu).p50_ms);
         let batch = self.input.dim(0).unwrap_or(1);
         BenchReport {
             model: self.path.clone(),
@@ -175,6 +235,9 @@ impl Bench {
                 .map(|(k, v)| (*k, summarize(v)))
                 .collect(),
             macs: self.macs,
+            execution: self.engine.execution().map(|e| e.name().to_string()),
+            gpu_p50_ms,
+            max_rel_diff: None,
             layers: None,
         }
     }

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::config::ModelConfig;
 use crate::cpu::CpuNet;
+use crate::gpu::GraphMode;
 use crate::model::{StageTimes, WaeNet};
 use crate::preprocess::Preprocessor;
 use crate::weights::{self, ModelFile, WeightsError};
@@ -48,12 +49,15 @@ pub enum EngineKind {
     Candle,
 }
 
-/// A built network: candle's modules, or the native CPU path.
+/// A built network: candle's modules, the native CPU path, or the CUDA engine.
 pub enum Engine {
-    /// candle (CPU f32 or GPU f16).
+    /// candle (CPU f32 or GPU f16), eager.
     Candle(WaeNet),
     /// wae-edge's own CPU path.
     Cpu(CpuNet),
+    /// The CUDA engine: direct encoder kernels, graph replay where the device allows.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::gpu::net::GpuNet),
 }
 
 impl Engine {
@@ -63,11 +67,42 @@ impl Engine {
         device: &Device,
         kind: EngineKind,
     ) -> Result<Engine, WeightsError> {
+        Engine::build_with(file, device, kind, GraphMode::Auto)
+    }
+
+    /// [`Engine::build`] with a CUDA graph mode (which only the CUDA engine reads).
+    pub fn build_with(
+        file: ModelFile,
+        device: &Device,
+        kind: EngineKind,
+        graph: GraphMode,
+    ) -> Result<Engine, WeightsError> {
+        let _ = graph;
         if device.is_cpu() && kind == EngineKind::Auto {
-            Ok(Engine::Cpu(CpuNet::from_file(&file)?))
-        } else {
-            Ok(Engine::Candle(file.build(device)?))
+            return Ok(Engine::Cpu(CpuNet::from_file(&file)?));
         }
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() && kind == EngineKind::Auto {
+            return Ok(Engine::Cuda(file.build_with(device, |c, vb| {
+                crate::gpu::net::GpuNet::new(c, vb, graph)
+            })?));
+        }
+        Ok(Engine::Candle(file.build(device)?))
+    }
+
+    /// How a CUDA engine runs (`None` for the others).
+    pub fn execution(&self) -> Option<crate::gpu::Execution> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(n) => Some(n.execution()),
+            _ => None,
+        }
+    }
+
+    /// Whether stage times are GPU time between events (the CUDA engine) rather than host
+    /// wall time.
+    pub fn gpu_timed(&self) -> bool {
+        self.execution().is_some()
     }
 
     /// The model's config.
@@ -75,6 +110,8 @@ impl Engine {
         match self {
             Engine::Candle(n) => n.config(),
             Engine::Cpu(n) => n.config(),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(n) => n.config(),
         }
     }
 
@@ -83,6 +120,8 @@ impl Engine {
         match self {
             Engine::Candle(_) => "candle",
             Engine::Cpu(_) => "native-cpu",
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(_) => "cuda",
         }
     }
 
@@ -107,6 +146,15 @@ impl Engine {
                     .to_vec1::<f32>()?;
                 net.forward(&x, n)
             }
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(net) => {
+                let x = batch
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                net.logits(&x, n)?
+            }
         };
         let k = self.config().classes;
         Ok((flat.chunks_exact(k).map(<[f32]>::to_vec).collect(), times))
@@ -118,16 +166,24 @@ pub struct Classifier {
     engine: Engine,
     pre: Preprocessor,
     device: Device,
+    input_device: Device,
 }
 
 impl Classifier {
     /// Wraps a built engine.
     pub fn new(engine: Engine, device: Device) -> Self {
         let pre = Preprocessor::new(engine.config());
+        // The CUDA engine uploads a frame itself, in one copy into its persistent buffer.
+        let input_device = if engine.gpu_timed() {
+            Device::Cpu
+        } else {
+            device.clone()
+        };
         Classifier {
             engine,
             pre,
             device,
+            input_device,
         }
     }
 
@@ -142,7 +198,17 @@ impl Classifier {
         device: &Device,
         kind: EngineKind,
     ) -> Result<Self, WeightsError> {
-        let engine = Engine::build(ModelFile::open(path)?, device, kind)?;
+        Self::load_graph(path, device, kind, GraphMode::Auto)
+    }
+
+    /// [`Classifier::load_with`] with a CUDA graph mode.
+    pub fn load_graph(
+        path: impl AsRef<std::path::Path>,
+        device: &Device,
+        kind: EngineKind,
+        graph: GraphMode,
+    ) -> Result<Self, WeightsError> {
+        let engine = Engine::build_with(ModelFile::open(path)?, device, kind, graph)?;
         Ok(Classifier::new(engine, device.clone()))
     }
 
@@ -166,6 +232,12 @@ impl Classifier {
         &self.device
     }
 
+    /// Where its input tensors are built: the CPU for the CUDA engine, which uploads them
+    /// itself; the device otherwise.
+    pub fn input_device(&self) -> &Device {
+        &self.input_device
+    }
+
     /// Logits of a normalised `[N, C, H, W]` f32 batch, as f32 rows.
     pub fn logits(&self, batch: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
         Ok(self.engine.logits_timed(batch)?.0)
@@ -177,7 +249,7 @@ impl Classifier {
         imgs: &[DynamicImage],
         k: usize,
     ) -> candle_core::Result<Vec<Vec<Prediction>>> {
-        let batch = self.pre.batch(imgs, &self.device)?;
+        let batch = self.pre.batch(imgs, &self.input_device)?;
         let labels = &self.config().labels;
         Ok(self
             .logits(&batch)?
@@ -198,7 +270,7 @@ impl Classifier {
         let mut data = Vec::with_capacity(planar.len());
         self.pre.normalize_planar(&planar, &mut data);
         let i = self.config().input;
-        let x = Tensor::from_vec(data, (1, i.channels, i.height, i.width), &self.device)?;
+        let x = Tensor::from_vec(data, (1, i.channels, i.height, i.width), &self.input_device)?;
         Ok((x, warning))
     }
 

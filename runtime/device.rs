@@ -61,7 +61,7 @@ pub fn select(req: DeviceRequest) -> Result<Device, DeviceError> {
             name: "Metal",
             feature: "metal",
         }),
-        DeviceRequest::Cuda => Device::new_cuda(0).map_err(|cause| DeviceError::Unavailable {
+        DeviceRequest::Cuda => open_cuda().map_err(|cause| DeviceError::Unavailable {
             name: "CUDA",
             cause,
         }),
@@ -71,7 +71,7 @@ pub fn select(req: DeviceRequest) -> Result<Device, DeviceError> {
         }),
         DeviceRequest::Auto => {
             if candle_core::utils::cuda_is_available() {
-                if let Ok(d) = Device::new_cuda(0) {
+                if let Ok(d) = open_cuda() {
                     return Ok(d);
                 }
             }
@@ -83,6 +83,26 @@ pub fn select(req: DeviceRequest) -> Result<Device, DeviceError> {
             Ok(Device::Cpu)
         }
     }
+}
+
+/// GPU 0 on a stream of its own (a graph cannot be captured on the per-thread default stream
+/// `Device::new_cuda` uses), with cudarc's event tracking off before any tensor exists: each
+/// allocation would otherwise create two events and each free wait on them, pure host cost when
+/// everything runs on one stream.
+#[cfg(feature = "cuda")]
+fn open_cuda() -> candle_core::Result<Device> {
+    let d = Device::new_cuda_with_stream(0)?;
+    if let Device::Cuda(c) = &d {
+        // SAFETY: wae-edge uses this one stream per device; no tensor crosses streams, so no
+        // cross-stream ordering is left for the events to provide.
+        unsafe { c.disable_event_tracking() };
+    }
+    Ok(d)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda() -> candle_core::Result<Device> {
+    Device::new_cuda(0)
 }
 
 /// A short name for a device, for logs and JSON.

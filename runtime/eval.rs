@@ -54,7 +54,7 @@ pub fn batch_tensor(clf: &Classifier, ds: &Dataset, idx: &[usize]) -> candle_cor
     Tensor::from_vec(
         data,
         (idx.len(), ds.channels, ds.height, ds.width),
-        clf.device(),
+        clf.input_device(),
     )
 }
 

@@ -20,6 +20,7 @@ pub mod device;
 pub mod domain;
 pub mod entropy;
 pub mod eval;
+pub mod gpu;
 #[cfg(all(feature = "gstreamer", target_os = "linux"))]
 pub mod gst_error;
 pub mod guarded_map;

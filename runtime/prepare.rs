@@ -162,7 +162,7 @@ pub fn overlap_pays(clf: &Classifier) -> bool {
     let Ok(x) = candle_core::Tensor::zeros(
         (i.channels, i.height, i.width),
         candle_core::DType::F32,
-        clf.device(),
+        clf.input_device(),
     ) else {
         return false;
     };

@@ -341,6 +341,16 @@ impl ModelFile {
 
     /// Builds the inference network on `device` (f32 on CPU, f16 on GPUs) and drops the mapping.
     pub fn build(self, device: &Device) -> Result<WaeNet, WeightsError> {
+        self.build_with(device, WaeNet::new)
+    }
+
+    /// Builds anything from the file's config and tensors on `device` (f32 on CPU, f16 on
+    /// GPUs), then drops the mapping: for engines that read more than [`WaeNet`] does.
+    pub fn build_with<T>(
+        self,
+        device: &Device,
+        build: impl FnOnce(&ModelConfig, VarBuilder) -> candle_core::Result<T>,
+    ) -> Result<T, WeightsError> {
         let candle = |cause| WeightsError::Candle {
             path: self.path.clone(),
             cause,
@@ -349,7 +359,7 @@ impl ModelFile {
             let vb =
                 VarBuilder::from_slice_safetensors(self.map.bytes(), compute_dtype(device), device)
                     .map_err(candle)?;
-            WaeNet::new(&self.config, vb).map_err(candle)
+            build(&self.config, vb).map_err(candle)
         };
         self.intact(built())
     }

@@ -7,10 +7,13 @@
 # Recipe and reasons: ../shared/research/cuda-build.md; results: docs/performance.md.
 #
 #   scripts/cuda_portable_build.sh [SCRATCH]     (default /work/cuda13; ~9 min cold, ~2 warm)
-#   -> SCRATCH/wae-edge.xz (stripped, xz; about 7 MB). On the GPU machine:
-#      xz -dc wae-edge.xz > /tmp/wae-edge && chmod +x /tmp/wae-edge
+#   -> device-pack/ in this checkout (git-ignored; name it in the device tool's `carry`):
+#      wae-edge.xz and cuda-tests.xz (tests/cuda.rs), stripped and xz'd, and `commit`, the
+#      commit they were built from. scripts/device_check.sh unpacks and runs them there. By hand:
+#      xz -dc device-pack/wae-edge.xz > /tmp/wae-edge && chmod +x /tmp/wae-edge
 #      export LD_LIBRARY_PATH=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13","lib"))')
 #      /tmp/wae-edge bench --device cuda ...   (the first run JIT-compiles PTX for ~20 s)
+# Only committed files are built: commit first.
 set -euo pipefail
 scratch=${1:-/work/cuda13}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -50,7 +53,20 @@ chmod +x tools/nvcc-sm90
 (cd src && NVCC="$scratch/tools/nvcc-sm90" CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000 \
   CARGO_TARGET_DIR="$scratch/target" cargo build --release --no-default-features \
   --features cuda,train --bin wae-edge)
+tests=$(cd src && NVCC="$scratch/tools/nvcc-sm90" CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000 \
+  CARGO_TARGET_DIR="$scratch/target" cargo test --release --no-default-features \
+  --features cuda,train --test cuda --no-run --message-format=json |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(m["executable"])')
+pack="$repo/device-pack"
+mkdir -p "$pack"
 strip -o "$scratch/wae-edge" "$scratch/target/release/wae-edge"
-xz -T2 -6 -c "$scratch/wae-edge" >"$scratch/wae-edge.xz"
+strip -o "$scratch/cuda-tests" "$tests"
+xz -T2 -6 -c "$scratch/wae-edge" >"$pack/wae-edge.xz"
+xz -T2 -6 -c "$scratch/cuda-tests" >"$pack/cuda-tests.xz"
+(cd "$repo" && git rev-parse HEAD) >"$pack/commit"
 readelf -d "$scratch/wae-edge" | grep NEEDED
-ls -la "$scratch/wae-edge.xz"
+ls -la "$pack"

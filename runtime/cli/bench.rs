@@ -14,6 +14,7 @@ use serde_json::json;
 
 use wae_edge::bench::{self, Bench, BenchReport, Budget};
 use wae_edge::classifier::EngineKind;
+use wae_edge::gpu::{Execution, GraphMode};
 use wae_edge::pipeline::{run_stream, StreamOptions};
 use wae_edge::sources::{open_source, SourceOptions};
 use wae_edge::stats::resident_memory;
@@ -108,13 +109,26 @@ fn table(r: &BenchReport, name: &str) {
         .map(|(k, v)| format!("{k} {:.3}", v.p50_ms))
         .collect();
     println!("          stage p50 ms: {}", stages.join(", "));
+    if let Some(ex) = &r.execution {
+        println!(
+            "          cuda {ex}: GPU time a pass p50 {:.3} ms (events; stages above are GPU time too)",
+            r.gpu_p50_ms.unwrap_or_default()
+        );
+    }
+    if let Some(d) = r.max_rel_diff {
+        println!("          logits vs the CPU engine: max |diff| / max |logit| = {d:.2e}");
+    }
 }
 
 /// Bare-model fps and pipeline fps, measured in alternating rounds.
 fn pipeline_overhead(clf: &Classifier, uri: &str, seconds: f64) -> Result<serde_json::Value> {
     let i = clf.config().input;
-    let x1 =
-        candle_core::Tensor::randn(0f32, 1.0, (1, i.channels, i.height, i.width), clf.device())?;
+    let x1 = candle_core::Tensor::randn(
+        0f32,
+        1.0,
+        (1, i.channels, i.height, i.width),
+        clf.input_device(),
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     // Decided once, as `stream` would at start, so that every round runs the same layout.
     let overlap = wae_edge::pipeline::overlap_pays(clf);
@@ -204,9 +218,26 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if a.layers.is_some() && !(device.is_cpu() && a.engine == EngineKind::Auto) {
         anyhow::bail!("--layers times the native CPU engine's convs: use it with --device cpu and --engine auto");
     }
-    let mut models = vec![Bench::load(&a.model, &device, a.batch, a.engine)?];
+    let graph = a.placement.cuda_graph;
+    let load =
+        |path: &std::path::Path, mode| Bench::load_graph(path, &device, a.batch, a.engine, mode);
+    let mut models = vec![load(&a.model, graph)?];
+    let mut roles = vec!["model"];
     if let Some(b) = &a.baseline {
-        models.push(Bench::load(b, &device, a.batch, a.engine)?);
+        models.push(load(b, graph)?);
+        roles.push("baseline");
+    }
+    if let Some(ex) = models[0].engine.execution() {
+        eprintln!("cuda: {ex}");
+        // A graph's saving is measured against the same engine launching eagerly, in this run.
+        if ex == Execution::Graph {
+            models.push(load(&a.model, GraphMode::Off)?);
+            roles.push("eager");
+            if let Some(b) = &a.baseline {
+                models.push(load(b, GraphMode::Off)?);
+                roles.push("baseline_eager");
+            }
+        }
     }
     let budget = match (a.iters, a.seconds) {
         (Some(n), _) => Budget::Iters(n),
@@ -222,6 +253,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     })?;
     bar.finish_and_clear();
     let mut reports: Vec<BenchReport> = models.iter().map(Bench::report).collect();
+    for (r, m) in reports.iter_mut().zip(&models) {
+        r.max_rel_diff = m.rel_diff_to_cpu()?;
+    }
     if let Some(passes) = a.layers {
         for (r, m) in reports.iter_mut().zip(&models) {
             r.layers = m.layers(passes)?;
@@ -229,7 +263,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     let pipeline = match &a.pipeline {
         Some(uri) => Some(pipeline_overhead(
-            &Classifier::load_with(&a.model, &device, a.engine)?,
+            &a.placement.load(&a.model, &device, a.engine)?,
             uri,
             match budget {
                 Budget::Seconds(s) => s,
@@ -240,16 +274,23 @@ pub fn run(a: Args) -> Result<ExitCode> {
     };
     let threads = candle_core::utils::get_num_threads();
     let peak = resident_memory().map(|m| m.1);
-    let mut out = json!({"model": reports[0], "engine": models[0].engine.name(), "threads": threads, "device": wae_edge::device::describe(&device), "peak_rss_bytes": peak});
-    if let Some(b) = reports.get(1) {
-        out["baseline"] = json!(b);
+    let mut out = json!({"engine": models[0].engine.name(), "threads": threads, "device": wae_edge::device::describe(&device), "peak_rss_bytes": peak});
+    for (role, r) in roles.iter().zip(&reports) {
+        out[*role] = json!(r);
+    }
+    let baseline = roles
+        .iter()
+        .position(|r| *r == "baseline")
+        .map(|i| &reports[i]);
+    if let Some(b) = baseline {
         out["speedup"] = json!(b.p50_ms / reports[0].p50_ms);
     }
     if let Some(p) = &pipeline {
         out["pipeline"] = p.clone();
     }
     if let Some(path) = &a.chart {
-        write_chart(path, &reports)?;
+        // The model and its baseline, which come first; eager twins are a CUDA detail.
+        write_chart(path, &reports[..1 + usize::from(baseline.is_some())])?;
     }
     if a.json {
         println!("{out}");
@@ -262,9 +303,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
         wae_edge::device::describe(&device),
         models[0].engine.name()
     );
-    table(&reports[0], "model");
-    if let Some(b) = reports.get(1) {
-        table(b, "baseline");
+    for (role, r) in roles.iter().zip(&reports) {
+        table(r, role);
+    }
+    if let Some(b) = baseline {
         println!(
             "speed-up (baseline p50 / model p50): {:.2}x",
             b.p50_ms / reports[0].p50_ms
@@ -282,7 +324,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(peak) = peak {
         println!("peak resident memory {:.0} MB", peak as f64 / 1e6);
     }
-    for (r, name) in reports.iter().zip(["model", "baseline"]) {
+    for (r, name) in reports.iter().zip(&roles) {
         layer_table(r, name);
     }
     Ok(ExitCode::SUCCESS)

@@ -9,10 +9,11 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use wae_edge::classifier::EngineKind;
 use wae_edge::preprocess::load_image;
 use wae_edge::sources::expand_inputs;
 use wae_edge::terminal::Escaped;
-use wae_edge::{Classifier, Prediction};
+use wae_edge::Prediction;
 
 use super::{model_path, Placement};
 
@@ -51,7 +52,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let inputs = expand_inputs(&args.inputs)?;
     let device = args.placement.open()?;
     let model = model_path(args.model);
-    let clf = Classifier::load(&model, &device)?;
+    let clf = args.placement.load(&model, &device, EngineKind::Auto)?;
     let untrained = clf.config().untrained;
     if untrained {
         eprintln!(

@@ -19,11 +19,13 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 
+use wae_edge::classifier::EngineKind;
 use wae_edge::config::{preset, PRESETS};
 use wae_edge::device::{self, DeviceRequest};
 use wae_edge::profiles::Profile;
 use wae_edge::terminal::Escaped;
 use wae_edge::weights;
+use wae_edge::Classifier;
 
 /// The version and the git commit the binary was built from (`build.rs`).
 const VERSION: &str = concat!(
@@ -50,6 +52,10 @@ pub struct Placement {
     /// Firmware profile: a shipped name (`wae-edge profiles`) or a .toml path.
     #[arg(long)]
     profile: Option<String>,
+    /// CUDA graphs (--device cuda): auto replays a graph captured once where the GPU supports
+    /// it, on insists, off launches every kernel each frame.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(super) cuda_graph: wae_edge::gpu::GraphMode,
 }
 
 impl Placement {
@@ -68,7 +74,22 @@ impl Placement {
             (None, None) => "auto".into(),
         };
         eprintln!("device: {} ({how})", device::describe(&dev));
+        wae_edge::gpu::mode::check_device(self.cuda_graph, device::describe(&dev))?;
         Ok(dev)
+    }
+
+    /// Loads a model for this placement's device and graph mode; says how a CUDA engine runs.
+    fn load(
+        &self,
+        model: &std::path::Path,
+        device: &Device,
+        kind: EngineKind,
+    ) -> Result<Classifier> {
+        let clf = Classifier::load_graph(model, device, kind, self.cuda_graph)?;
+        if let Some(ex) = clf.engine().execution() {
+            eprintln!("cuda: {ex}");
+        }
+        Ok(clf)
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::json;
 
+use wae_edge::classifier::EngineKind;
 use wae_edge::pipeline::{run_stream, StreamOptions, StreamSummary, STAGES};
 use wae_edge::profiles::{PixelFormat, Profile};
 use wae_edge::sources::{open_source, RtspTransport, SourceOptions};
@@ -136,7 +137,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .transpose()?;
     let device = a.placement.open()?;
     let model = model_path(a.model.clone());
-    let clf = Classifier::load(&model, &device)?;
+    let clf = a.placement.load(&model, &device, EngineKind::Auto)?;
     if clf.config().untrained {
         eprintln!(
             "WARNING: {} is UNTRAINED (random weights): its labels are meaningless",
