@@ -142,11 +142,17 @@ impl Bench {
             cause,
         };
         let i = config.input;
+        // Where a frame would come from: the host for the CUDA engine, which uploads it.
+        let input_device = if engine.gpu_timed() {
+            &Device::Cpu
+        } else {
+            device
+        };
         let input = Tensor::randn(
             0f32,
             1.0,
             (batch.max(1), i.channels, i.height, i.width),
-            device,
+            input_device,
         )
         .map_err(candle)?;
         let t = Instant::now();

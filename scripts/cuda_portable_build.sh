@@ -8,7 +8,8 @@
 #
 #   scripts/cuda_portable_build.sh [SCRATCH]     (default /work/cuda13; ~9 min cold, ~2 warm)
 #   -> device-pack/ in this checkout (git-ignored; name it in the device tool's `carry`):
-#      wae-edge.xz and cuda-tests.xz (tests/cuda.rs), stripped and xz'd, and `commit`, the
+#      wae-edge.xz, wae-edge-cudnn.xz (feature cudnn) and cuda-tests.xz (tests/cuda.rs),
+#      stripped and xz'd, and `commit`, the
 #      commit they were built from. scripts/device_check.sh unpacks and runs them there. By hand:
 #      xz -dc device-pack/wae-edge.xz > /tmp/wae-edge && chmod +x /tmp/wae-edge
 #      export LD_LIBRARY_PATH=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13","lib"))')
@@ -64,9 +65,15 @@ for l in sys.stdin:
 pack="$repo/device-pack"
 mkdir -p "$pack"
 strip -o "$scratch/wae-edge" "$scratch/target/release/wae-edge"
+# The same with candle's convs on cuDNN (loaded at run time from PyTorch's wheels there).
+(cd src && NVCC="$scratch/tools/nvcc-sm90" CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000 \
+  CARGO_TARGET_DIR="$scratch/target-cudnn" cargo build --release --no-default-features \
+  --features cudnn,train --bin wae-edge)
+strip -o "$scratch/wae-edge-cudnn" "$scratch/target-cudnn/release/wae-edge"
 strip -o "$scratch/cuda-tests" "$tests"
 xz -T2 -6 -c "$scratch/wae-edge" >"$pack/wae-edge.xz"
 xz -T2 -6 -c "$scratch/cuda-tests" >"$pack/cuda-tests.xz"
+xz -T2 -6 -c "$scratch/wae-edge-cudnn" >"$pack/wae-edge-cudnn.xz"
 (cd "$repo" && git rev-parse HEAD) >"$pack/commit"
 readelf -d "$scratch/wae-edge" | grep NEEDED
 ls -la "$pack"

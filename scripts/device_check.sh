@@ -10,6 +10,7 @@
 # 2. `bench --device cuda` for WAE-VGG16 and VGG16 (random weights from `new --preset`),
 #    fashion-wae and fashion-plain at batch 1 and 8: graph and eager in alternating rounds of
 #    one run, GPU time between events, logits against the CPU engine;
+#    the same for the VGG pair with the cuDNN build (feature cudnn);
 # 3. the PyTorch peer (scripts/peer_torch.py) on the same files: eager and CUDA graph;
 # 4. scripts/gpu_results.py: OUT/gpu-results.json (the schema of docs/gpu-results.json), OUT/gpu-results.md (the table
 #    for docs/performance.md) and the done-when checks, printed.
@@ -68,6 +69,19 @@ EOF
     fi
   done
 done
+
+if [ -f "$pack/wae-edge-cudnn.xz" ]; then
+  step "the cuDNN build, VGG models"
+  xz -dc "$pack/wae-edge-cudnn.xz" >"$bin/wae-edge-cudnn" && chmod +x "$bin/wae-edge-cudnn"
+  for m in "${models[@]:0:2}"; do
+    name=${m%%=*}; path=${m#*=}
+    for b in 1 8; do
+      timeout 120 "$bin/wae-edge-cudnn" bench --device cuda --model "$path" --batch "$b" \
+        --seconds "$seconds" --warmup 20 --json >"$out/cudnn-$name-$b.json" 2>"$out/cudnn-$name-$b.err" ||
+        { echo "FAIL: cuDNN bench $name batch $b"; tail -3 "$out/cudnn-$name-$b.err"; status=1; }
+    done
+  done
+fi
 
 step "PyTorch peer"
 args=(); for m in "${models[@]}"; do args+=(--model "$m"); done

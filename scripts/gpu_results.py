@@ -19,18 +19,19 @@ MODELS = ("wae-vgg16", "vgg16", "fashion-wae", "fashion-plain")
 
 def rows_of(out):
     rows = []
-    for f in sorted(glob.glob(os.path.join(out, "bench-*.json"))):
-        try:
-            r = json.loads(open(f).read().strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            continue
-        name, batch = os.path.basename(f)[len("bench-"):-len(".json")].rsplit("-", 1)
-        for role in ("model", "eager"):
-            m = r.get(role)
-            if m and m.get("execution"):
-                rows.append({"model": name, "batch": int(batch), "engine": "wae-edge", "mode": m["execution"],
-                             "p50_ms": m["p50_ms"], "gpu_ms": m.get("gpu_p50_ms"),
-                             "max_rel_diff": m.get("max_rel_diff")})
+    for build, prefix in (("cuda", "bench-"), ("cudnn", "cudnn-")):
+        for f in sorted(glob.glob(os.path.join(out, prefix + "*.json"))):
+            try:
+                r = json.loads(open(f).read().strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                continue
+            name, batch = os.path.basename(f)[len(prefix):-len(".json")].rsplit("-", 1)
+            for role in ("model", "eager"):
+                m = r.get(role)
+                if m and m.get("execution"):
+                    rows.append({"model": name, "batch": int(batch), "engine": "wae-edge", "build": build,
+                                 "mode": m["execution"], "p50_ms": m["p50_ms"], "gpu_ms": m.get("gpu_p50_ms"),
+                                 "max_rel_diff": m.get("max_rel_diff")})
     try:
         rows += json.load(open(os.path.join(out, "torch.json")))["rows"]
     except (OSError, ValueError, KeyError):
@@ -47,9 +48,9 @@ def main():
     with open(os.path.join(out, "gpu-results.json"), "w") as f:
         json.dump(doc, f, indent=1)
 
-    def get(model, batch, engine, mode, key="p50_ms"):
+    def get(model, batch, engine, mode, key="p50_ms", build="cuda"):
         for r in rows:
-            if (r["model"], r["batch"], r["engine"], r["mode"]) == (model, batch, engine, mode):
+            if (r["model"], r["batch"], r["engine"], r["mode"], r.get("build", "cuda")) == (model, batch, engine, mode, build):
                 return r.get(key)
         return None
 
@@ -57,13 +58,14 @@ def main():
     sci = lambda v: "-" if v is None else f"{v:.1e}"
     lines = [f"{doc['device']}, driver {doc['driver']}, commit {commit[:12]}, {doc['date']}; medians in ms, batch-1"
              " frames include the copy in and out.", "",
-             "| model | batch | wae-edge eager | wae-edge graph | graph GPU time | PyTorch eager | PyTorch graph | max rel. diff |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | batch | wae-edge eager | wae-edge graph | graph GPU time | cuDNN build, graph | PyTorch eager | PyTorch graph | max rel. diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for model in MODELS:
         for b in (1, 8):
             w = lambda mode, key="p50_ms": get(model, b, "wae-edge", mode, key)
             t = lambda mode: get(model, b, "torch", mode)
             lines.append(f"| {model} | {b} | {ms(w('eager'))} | {ms(w('graph'))} | {ms(w('graph', 'gpu_ms'))} "
+                         f"| {ms(get(model, b, 'wae-edge', 'graph', build='cudnn'))} "
                          f"| {ms(t('eager'))} | {ms(t('graph'))} | {sci(w('graph', 'max_rel_diff'))} |")
     with open(os.path.join(out, "gpu-results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

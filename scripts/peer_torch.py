@@ -106,9 +106,11 @@ def build(config, tensors):
         def __init__(self):
             super().__init__()
             self.params = torch.nn.ParameterList()
+            # Layers keep indices into self.params, not the tensors: moving the module to
+            # another device or dtype may replace the Parameter objects.
             def P(t):
                 self.params.append(torch.nn.Parameter(t, requires_grad=False))
-                return self.params[-1]
+                return len(self.params) - 1
 
             def pair(wb):
                 return P(wb[0]), P(wb[1])
@@ -132,31 +134,34 @@ def build(config, tensors):
                         k[b * c + ch, ch] = torch.tensor(band, dtype=torch.float32).reshape(2, 2) * 0.5
                 self.haar = P(k)
 
+        def p(self, i):
+            return self.params[i]
+
         def split(self, x):
             if kind == "plain":
                 return x, None
             if kind == "naive-half":
                 return F.avg_pool2d(x, 2), None
             if kind == "haar":
-                bands = F.conv2d(x, self.haar, stride=2)
+                bands = F.conv2d(x, self.p(self.haar), stride=2)
                 return bands[:, :c], bands[:, c:]
             h = x
             for w, b in self.encoder:
-                h = F.relu(F.conv2d(h, w, b, padding=1))
-            return (F.conv2d(h, self.low[0], self.low[1], stride=2, padding=1),
-                    F.conv2d(h, self.high[0], self.high[1], stride=2, padding=1))
+                h = F.relu(F.conv2d(h, self.p(w), self.p(b), padding=1))
+            return (F.conv2d(h, self.p(self.low[0]), self.p(self.low[1]), stride=2, padding=1),
+                    F.conv2d(h, self.p(self.high[0]), self.p(self.high[1]), stride=2, padding=1))
 
         def vgg(self, x, stages):
             for st in stages:
                 for w, b in st:
-                    x = F.relu(F.conv2d(x, w, b, padding=1))
+                    x = F.relu(F.conv2d(x, self.p(w), self.p(b), padding=1))
                 x = F.max_pool2d(x, 2, ceil_mode=ceil)
             return x
 
         def mlp(self, x, layers):
             x = x.flatten(1)
             for i, (w, b) in enumerate(layers):
-                x = F.linear(x, w, b)
+                x = F.linear(x, self.p(w), self.p(b))
                 if i + 1 < len(layers):
                     x = F.relu(x)
             return x

@@ -351,9 +351,12 @@ impl GpuNet {
             let (a, b) = layout
                 .contiguous_offsets()
                 .ok_or_else(|| candle_core::Error::Msg("graph output is not contiguous".into()))?;
-            self.stream
+            let out = self
+                .stream
                 .clone_dtoh(&cs.as_cuda_slice::<f32>()?.slice(a..b))
-                .w()?
+                .w()?;
+            self.stream.synchronize().w()?;
+            out
         };
         Ok((out, c.marks.stages()?))
     }
