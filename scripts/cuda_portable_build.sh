@@ -65,11 +65,12 @@ for l in sys.stdin:
 pack="$repo/device-pack"
 mkdir -p "$pack"
 strip -o "$scratch/wae-edge" "$scratch/target/release/wae-edge"
-# The same with candle's convs on cuDNN (loaded at run time from PyTorch's wheels there).
+# The same with candle's convs on cuDNN (loaded at run time from PyTorch's wheels there); the
+# same target directory, so candle's kernels are not built twice.
 (cd src && NVCC="$scratch/tools/nvcc-sm90" CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000 \
-  CARGO_TARGET_DIR="$scratch/target-cudnn" cargo build --release --no-default-features \
+  CARGO_TARGET_DIR="$scratch/target" cargo build --release --no-default-features \
   --features cudnn,train --bin wae-edge)
-strip -o "$scratch/wae-edge-cudnn" "$scratch/target-cudnn/release/wae-edge"
+strip -o "$scratch/wae-edge-cudnn" "$scratch/target/release/wae-edge"
 strip -o "$scratch/cuda-tests" "$tests"
 xz -T2 -6 -c "$scratch/wae-edge" >"$pack/wae-edge.xz"
 xz -T2 -6 -c "$scratch/cuda-tests" >"$pack/cuda-tests.xz"
