@@ -235,6 +235,63 @@ fn unknown_profile_key() {
 }
 
 #[test]
+fn cuda_graph_on_elsewhere_is_one_line_and_auto_or_off_change_nothing() {
+    let Fixture {
+        dir: _d,
+        model,
+        img,
+    } = fixture();
+    for command in ["classify", "bench"] {
+        let mut c = bin();
+        c.args([command, "--device", "cpu", "--cuda-graph", "on", "--model"])
+            .arg(&model);
+        if command == "classify" {
+            c.arg(&img);
+        }
+        let out = c.output().unwrap();
+        assert_clean_failure(&out, "CUDA graphs need --device cuda");
+    }
+    let out = bin()
+        .args([
+            "stream",
+            "--device",
+            "cpu",
+            "--cuda-graph",
+            "on",
+            "--frames",
+            "1",
+        ])
+        .arg("synthetic:64x48")
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "CUDA graphs need --device cuda");
+    let out = bin()
+        .args(["classify", "--cuda-graph", "sometimes", "--model"])
+        .arg(&model)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: auto, on, off"));
+    for mode in ["auto", "off"] {
+        let out = bin()
+            .args([
+                "classify",
+                "--device",
+                "cpu",
+                "--cuda-graph",
+                mode,
+                "--model",
+            ])
+            .arg(&model)
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert_success(&out);
+    }
+}
+
+#[test]
 fn device_this_build_cannot_use() {
     let Fixture {
         dir: _d,
