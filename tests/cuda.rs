@@ -36,6 +36,15 @@ fn batch(n: usize) -> Tensor {
         .unwrap()
 }
 
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     let top = b.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
     let diff = a
@@ -126,21 +135,7 @@ fn the_direct_conv_kernel_matches_candles_conv_in_f16() {
             .to_device(&Device::Cpu)
             .unwrap();
         assert_eq!(got.dims(), want.dims());
-        let top = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (top, diff) = (max_abs(&want), max_abs(&(got - &want).unwrap()));
         assert!(
             diff / top < 5e-3,
             "{c_in}->{c_out} {h}x{w}/{stride}: {diff} of {top}"
