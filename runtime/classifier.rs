@@ -57,7 +57,7 @@ pub enum Engine {
     Cpu(CpuNet),
     /// The CUDA engine: direct encoder kernels, graph replay where the device allows.
     #[cfg(feature = "cuda")]
-    Cuda(crate::gpu::net::GpuNet),
+    Cuda(Box<crate::gpu::net::GpuNet>),
 }
 
 impl Engine {
@@ -83,9 +83,9 @@ impl Engine {
         }
         #[cfg(feature = "cuda")]
         if device.is_cuda() && kind == EngineKind::Auto {
-            return Ok(Engine::Cuda(file.build_with(device, |c, vb| {
-                crate::gpu::net::GpuNet::new(c, vb, graph)
-            })?));
+            return Ok(Engine::Cuda(Box::new(
+                file.build_with(device, |c, vb| crate::gpu::net::GpuNet::new(c, vb, graph))?,
+            )));
         }
         Ok(Engine::Candle(file.build(device)?))
     }

@@ -5,6 +5,7 @@
 //! touches the GPU sits behind the `cuda` feature ([`net`]).
 
 pub mod direct_conv;
+pub mod direct_net;
 pub mod mode;
 #[cfg(feature = "cuda")]
 pub mod net;

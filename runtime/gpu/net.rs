@@ -17,9 +17,9 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 use half::f16;
 
-use super::direct_conv::{suits, DirectConv};
+use super::direct_net::DirectNet;
 use super::mode::{self, Execution, GraphMode};
-use crate::config::{ArchKind, ModelConfig};
+use crate::config::ModelConfig;
 use crate::model::{StageTimes, WaeNet};
 
 /// Batch sizes kept captured at once; a new size past this evicts the others.
@@ -27,80 +27,6 @@ const MAX_GRAPHS: usize = 4;
 /// Eager passes before a capture: they populate candle's parameter and upload caches, which a
 /// capture may only read.
 const WARMUP: usize = 2;
-
-/// The encoder on the direct kernels: full-resolution convs with ReLU, then I_L and I_H from
-/// one stride-2 conv over the two split convs' concatenated weights.
-struct DirectEncoder {
-    convs: Vec<(Tensor, Tensor)>,
-    split: (Tensor, Tensor),
-    low_channels: usize,
-}
-
-impl DirectEncoder {
-    /// `None` where the direct kernels do not apply: no learned encoder, batch norm left in, or
-    /// channels past what the kernel takes.
-    fn new(config: &ModelConfig, vb: &VarBuilder) -> Result<Option<Self>> {
-        let a = &config.arch;
-        if a.kind != ArchKind::Wae || a.batch_norm {
-            return Ok(None);
-        }
-        let c = config.input.channels;
-        let high = config.high_channels();
-        let vb = vb.pp("encoder");
-        let mut convs = Vec::new();
-        let mut c_in = c;
-        for (i, &w) in a.encoder.iter().enumerate() {
-            if !suits(c_in, w) {
-                return Ok(None);
-            }
-            let p = vb.pp(format!("conv{i}"));
-            convs.push((p.get((w, c_in, 3, 3), "weight")?, p.get(w, "bias")?));
-            c_in = w;
-        }
-        if !suits(c_in, c + high) {
-            return Ok(None);
-        }
-        let (low, hi) = (vb.pp("low"), vb.pp("high"));
-        let split = (
-            Tensor::cat(
-                &[
-                    low.get((c, c_in, 3, 3), "weight")?,
-                    hi.get((high, c_in, 3, 3), "weight")?,
-                ],
-                0,
-            )?,
-            Tensor::cat(&[low.get(c, "bias")?, hi.get(high, "bias")?], 0)?,
-        );
-        Ok(Some(DirectEncoder {
-            convs,
-            split,
-            low_channels: c,
-        }))
-    }
-
-    fn split(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut h = x.clone();
-        for (w, b) in &self.convs {
-            h = DirectConv {
-                stride: 1,
-                relu: true,
-            }
-            .apply(&h, w, b)?;
-        }
-        let s = DirectConv {
-            stride: 2,
-            relu: false,
-        }
-        .apply(&h, &self.split.0, &self.split.1)?;
-        let c = self.low_channels;
-        let high = s.dim(1)? - c;
-        // Contiguous views at batch 1; a copy at larger batches, which candle's conv needs.
-        Ok((
-            s.narrow(1, 0, c)?.contiguous()?,
-            s.narrow(1, c, high)?.contiguous()?,
-        ))
-    }
-}
 
 /// Five timing events: before the encoder and after each of the four stages.
 struct Marks([CudaEvent; 5]);
@@ -163,8 +89,7 @@ unsafe impl Send for Captured {}
 
 /// The network on a CUDA device, eager or replayed from graphs.
 pub struct GpuNet {
-    net: WaeNet,
-    encoder: Option<DirectEncoder>,
+    net: DirectNet,
     device: Device,
     cuda: CudaDevice,
     stream: Arc<CudaStream>,
@@ -187,11 +112,9 @@ impl GpuNet {
         let stream = cuda.cuda_stream();
         let execution = mode::plan(mode, stream.context().has_async_alloc())
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let encoder = DirectEncoder::new(config, &vb)?;
-        let net = WaeNet::new(config, vb)?;
+        let net = DirectNet::new(WaeNet::new(config, vb)?)?;
         Ok(GpuNet {
             net,
-            encoder,
             eager_marks: Marks::new(&stream)?,
             device,
             cuda,
@@ -217,9 +140,9 @@ impl GpuNet {
             })
     }
 
-    /// Whether the encoder runs on the direct kernels.
-    pub fn direct_encoder(&self) -> bool {
-        self.encoder.is_some()
+    /// How many convs of a pass run on the direct kernel.
+    pub fn direct_convs(&self) -> usize {
+        self.net.direct_convs()
     }
 
     /// The forward pass on an f16 `[n, C, H, W]` device tensor, f32 logits out; records the
@@ -229,26 +152,9 @@ impl GpuNet {
         // capture requires. Per thread, and never around the frame's own upload: the cache
         // keys on content, so frames would fill it.
         let _cache = self.cuda.enable_cuda_graph_htod_cache();
-        let s = &self.stream;
-        marks.record(0, s, capturing)?;
-        let (low, high) = match &self.encoder {
-            Some(e) => {
-                let (l, h) = e.split(x)?;
-                (l, Some(h))
-            }
-            None => self.net.split(x, false)?,
-        };
-        marks.record(1, s, capturing)?;
-        let f_low = self.net.backbone(&low, false)?;
-        marks.record(2, s, capturing)?;
-        let f_high = self.net.branch(high.as_ref(), false)?;
-        marks.record(3, s, capturing)?;
-        let logits = self
-            .net
-            .heads(&f_low, f_high.as_ref(), false)?
-            .to_dtype(DType::F32)?;
-        marks.record(4, s, capturing)?;
-        Ok(logits)
+        self.net
+            .forward_marked(x, |i| marks.record(i, &self.stream, capturing))?
+            .to_dtype(DType::F32)
     }
 
     /// Warms up and captures the pass for batch `n`.

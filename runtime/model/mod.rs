@@ -19,6 +19,66 @@ pub const BN_EPS: f64 = 1e-5;
 
 /// A 3x3 conv, padding 1, with optional batch norm and ReLU. Tensors live at `vb`
 /// (`weight`, `bias`) and `vb.bn` (`weight`, `bias`, `running_mean`, `running_var`).
+pub struct Conv3x3 {
+    conv: candle_nn::Conv2d,
+    bn: Option<candle_nn::BatchNorm>,
+    c_out: usize,
+    stride: usize,
+    relu: bool,
+}
+
+impl Conv3x3 {
+    /// The kernel `[c_out, c_in, 3, 3]`.
+    pub fn weight(&self) -> &Tensor {
+        self.conv.weight()
+    }
+
+    /// The bias `[c_out]`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.conv.bias()
+    }
+
+    /// Whether a batch norm follows (exported models have it folded in).
+    pub fn has_batch_norm(&self) -> bool {
+        self.bn.is_some()
+    }
+
+    /// 1 or 2.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Whether ReLU follows.
+    pub fn relu(&self) -> bool {
+        self.relu
+    }
+}
+
+impl ModuleT for Conv3x3 {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut ys = if train {
+            let ys = conv3x3_train(xs, self.conv.weight(), self.stride)?;
+            match self.conv.bias() {
+                Some(bias) => ys.broadcast_add(&bias.reshape((1, self.c_out, 1, 1))?)?,
+                None => ys,
+            }
+        } else {
+            xs.apply(&self.conv)?
+        };
+        match &self.bn {
+            Some(bn) if train => return batch_norm_train(&ys, bn, self.relu),
+            Some(bn) => ys = ys.apply_t(bn, false)?,
+            None => {}
+        }
+        if self.relu {
+            ys.relu()
+        } else {
+            Ok(ys)
+        }
+    }
+}
+
+/// Builds a [`Conv3x3`] of `c_in -> c_out` channels.
 pub fn conv3x3(
     c_in: usize,
     c_out: usize,
@@ -26,7 +86,7 @@ pub fn conv3x3(
     bn: bool,
     relu: bool,
     vb: VarBuilder,
-) -> Result<FuncT<'static>> {
+) -> Result<Conv3x3> {
     let cfg = Conv2dConfig {
         padding: 1,
         stride,
@@ -38,27 +98,13 @@ pub fn conv3x3(
         None
     };
     let conv = candle_nn::conv2d(c_in, c_out, 3, cfg, vb)?;
-    Ok(FuncT::new(move |xs, train| {
-        let mut ys = if train {
-            let ys = conv3x3_train(xs, conv.weight(), stride)?;
-            match conv.bias() {
-                Some(bias) => ys.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?,
-                None => ys,
-            }
-        } else {
-            xs.apply(&conv)?
-        };
-        match &bn {
-            Some(bn) if train => return batch_norm_train(&ys, bn, relu),
-            Some(bn) => ys = ys.apply_t(bn, false)?,
-            None => {}
-        }
-        if relu {
-            ys.relu()
-        } else {
-            Ok(ys)
-        }
-    }))
+    Ok(Conv3x3 {
+        conv,
+        bn,
+        c_out,
+        stride,
+        relu,
+    })
 }
 
 /// 2x2/2 max-pool; `ceil` rounds odd sizes up as Caffe does (edge replication makes the extra
@@ -77,11 +123,21 @@ pub fn max_pool(xs: &Tensor, ceil: bool) -> Result<Tensor> {
 
 /// VGG-style stack: per stage, 3x3 convs with ReLU then a 2x2 max-pool.
 pub struct VggStack {
-    stages: Vec<Vec<FuncT<'static>>>,
+    stages: Vec<Vec<Conv3x3>>,
     pool_ceil: bool,
 }
 
 impl VggStack {
+    /// The convs of each stage (a 2x2 max-pool follows each stage).
+    pub fn stages(&self) -> &[Vec<Conv3x3>] {
+        &self.stages
+    }
+
+    /// Whether pooling rounds odd sizes up ([`max_pool`]).
+    pub fn pool_ceil(&self) -> bool {
+        self.pool_ceil
+    }
+
     /// Output of every conv (after ReLU, before pooling), in order: for layer analysis (EBCLE).
     pub fn trace(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
         let mut out = Vec::new();
@@ -171,9 +227,9 @@ enum Split {
     Haar(Tensor),
     /// The learned encoder: full-resolution convs, then two 3x3/2 convs for I_L and I_H.
     Learned {
-        convs: Vec<FuncT<'static>>,
-        low: FuncT<'static>,
-        high: FuncT<'static>,
+        convs: Vec<Conv3x3>,
+        low: Box<Conv3x3>,
+        high: Box<Conv3x3>,
     },
 }
 
@@ -213,7 +269,11 @@ fn learned_split(c: usize, widths: &[usize], bn: bool, vb: VarBuilder) -> Result
     // No BN on the split convs: the energy penalty must see I_H's real scale.
     let low = conv3x3(c_in, c, 2, false, false, vb.pp("low"))?;
     let high = conv3x3(c_in, c, 2, false, false, vb.pp("high"))?;
-    Ok(Split::Learned { convs, low, high })
+    Ok(Split::Learned {
+        convs,
+        low: Box::new(low),
+        high: Box::new(high),
+    })
 }
 
 /// Time spent in each part of one forward pass.
@@ -324,7 +384,10 @@ impl WaeNet {
                 for conv in convs {
                     h = h.apply_t(conv, train)?;
                 }
-                Ok((h.apply_t(low, train)?, Some(h.apply_t(high, train)?)))
+                Ok((
+                    h.apply_t(low.as_ref(), train)?,
+                    Some(h.apply_t(high.as_ref(), train)?),
+                ))
             }
         }
     }
@@ -332,6 +395,20 @@ impl WaeNet {
     /// The I_L backbone (for layer analysis).
     pub fn backbone_stack(&self) -> &VggStack {
         &self.backbone
+    }
+
+    /// The I_H branch's stack, for the two-branch kinds.
+    pub fn branch_stack(&self) -> Option<&VggStack> {
+        self.branch.as_ref()
+    }
+
+    /// The learned encoder's full-resolution convs and its two split convs (I_L, I_H); `None`
+    /// for the kinds with a fixed split.
+    pub fn learned_encoder(&self) -> Option<(&[Conv3x3], &Conv3x3, &Conv3x3)> {
+        match &self.split {
+            Split::Learned { convs, low, high } => Some((convs, low.as_ref(), high.as_ref())),
+            _ => None,
+        }
     }
 
     /// F_L: the backbone on I_L.
@@ -402,8 +479,8 @@ impl candle_core::Module for WaeNet {
 /// Tensors at `vb.up`, `vb.conv{i}`, `vb.out`.
 pub struct Decoder {
     up: candle_nn::ConvTranspose2d,
-    convs: Vec<FuncT<'static>>,
-    out: FuncT<'static>,
+    convs: Vec<Conv3x3>,
+    out: Conv3x3,
 }
 
 impl Decoder {
