@@ -22,6 +22,8 @@ command -v nvcc >/dev/null || { echo "nvcc not found: run scripts/cuda_check.sh 
 mkdir -p "$scratch/vendor" "$scratch/tools"
 rm -rf "$scratch/src" && mkdir "$scratch/src"
 (cd "$repo" && git ls-files -z | xargs -0 cp --parents -t "$scratch/src")
+# The commit the copy is of (what device_check.sh records); "-dirty" if tracked files differ.
+commit=$(cd "$repo" && git rev-parse HEAD)$(cd "$repo" && git diff --quiet HEAD || echo -dirty)
 cd "$scratch"
 cargo fetch --manifest-path src/Cargo.toml -q
 reg=$(dirname "$(find ~/.cargo/registry/src -maxdepth 2 -name 'candle-core-0.11.1' | head -1)")
@@ -75,6 +77,6 @@ strip -o "$scratch/cuda-tests" "$tests"
 xz -T2 -6 -c "$scratch/wae-edge" >"$pack/wae-edge.xz"
 xz -T2 -6 -c "$scratch/cuda-tests" >"$pack/cuda-tests.xz"
 xz -T2 -6 -c "$scratch/wae-edge-cudnn" >"$pack/wae-edge-cudnn.xz"
-(cd "$repo" && git rev-parse HEAD) >"$pack/commit"
+echo "$commit" >"$pack/commit"
 readelf -d "$scratch/wae-edge" | grep NEEDED
 ls -la "$pack"
