@@ -303,19 +303,6 @@ mod tests {
         }
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     #[test]
     fn matches_candles_conv_on_odd_sizes_both_strides_and_a_partial_tile() {
         let d = Device::Cpu;
@@ -333,7 +320,7 @@ mod tests {
             let theirs = reference(&x, &wt, &b, stride, relu);
             assert_eq!(ours.dims(), theirs.dims());
             assert!(
-                max_diff(&ours, &theirs) < 1e-4,
+                crate::gpu::max_abs_diff(&ours, &theirs) < 1e-4,
                 "{n} {c_in}->{c_out} {h}x{w}/{stride}"
             );
         }

@@ -200,14 +200,7 @@ mod tests {
                     Ok(())
                 })
                 .unwrap();
-            let diff = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::gpu::max_abs_diff(&got, &want);
             assert!(diff < 1e-4, "{kind:?}: {diff}");
             assert_eq!(marks, [0, 1, 2, 3, 4]);
         }

@@ -11,3 +11,13 @@ pub mod mode;
 pub mod net;
 
 pub use mode::{Execution, GraphError, GraphMode};
+
+/// Largest absolute difference between two tensors of one shape (for the tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("tensors of one shape")
+}
