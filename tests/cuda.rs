@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use wae_edge::classifier::{Engine, EngineKind};
 use wae_edge::gpu::direct_conv::DirectConv;
+use wae_edge::gpu::gemm_conv;
 use wae_edge::gpu::{Execution, GraphMode};
 use wae_edge::weights::ModelFile;
 use wae_edge::Classifier;
@@ -43,6 +44,23 @@ fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// A conv on the GPU in f16 against the same conv on the CPU in f32: max |diff| / max |want|.
+fn gpu_against_cpu(
+    dev: &Device,
+    (x, w, b): (&Tensor, &Tensor, &Tensor),
+    conv: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
+) -> f32 {
+    let want = conv(x, w, b);
+    let on = |t: &Tensor| t.to_dtype(DType::F16).unwrap().to_device(dev).unwrap();
+    let got = conv(&on(x), &on(w), &on(b))
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    assert_eq!(got.dims(), want.dims());
+    max_abs(&(got - &want).unwrap()) / max_abs(&want)
 }
 
 fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -125,20 +143,26 @@ fn the_direct_conv_kernel_matches_candles_conv_in_f16() {
             (Tensor::randn(0f32, 1., (c_out, c_in, 3, 3), &Device::Cpu).unwrap() * 0.2).unwrap();
         let b = Tensor::randn(0f32, 1., c_out, &Device::Cpu).unwrap();
         let op = DirectConv { stride, relu };
-        let want = op.apply(&x, &wt, &b).unwrap();
-        let on = |t: &Tensor| t.to_dtype(DType::F16).unwrap().to_device(&dev).unwrap();
-        let got = op
-            .apply(&on(&x), &on(&wt), &on(&b))
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap();
-        assert_eq!(got.dims(), want.dims());
-        let (top, diff) = (max_abs(&want), max_abs(&(got - &want).unwrap()));
-        assert!(
-            diff / top < 5e-3,
-            "{c_in}->{c_out} {h}x{w}/{stride}: {diff} of {top}"
-        );
+        let d = gpu_against_cpu(&dev, (&x, &wt, &b), |x, w, b| op.apply(x, w, b).unwrap());
+        assert!(d < 5e-3, "{c_in}->{c_out} {h}x{w}/{stride}: {d}");
+    }
+}
+
+#[test]
+fn the_gemm_conv_kernels_match_the_cpu_in_f16() {
+    let Some(dev) = gpu() else { return };
+    for (n, c_in, c_out, h, w, stride, relu) in [
+        (1, 64, 64, 28, 28, 1, true),
+        (3, 48, 33, 17, 15, 1, false),
+        (2, 64, 128, 14, 14, 2, true),
+    ] {
+        let x = Tensor::randn(0f32, 1., (n, c_in, h, w), &Device::Cpu).unwrap();
+        let wt =
+            (Tensor::randn(0f32, 1., (c_out, c_in, 3, 3), &Device::Cpu).unwrap() * 0.05).unwrap();
+        let b = Tensor::randn(0f32, 1., c_out, &Device::Cpu).unwrap();
+        let d = gpu_against_cpu(&dev, (&x, &wt, &b), |x, w, b| {
+            gemm_conv::conv(x, w, b, stride, relu).unwrap()
+        });
+        assert!(d < 5e-3, "{n} {c_in}->{c_out} {h}x{w}/{stride}: {d}");
     }
 }

@@ -1,23 +1,10 @@
 // Direct 3x3 convolution, padding 1, NCHW, f16 storage with f32 accumulation, for convs with few
 // channels (the WAE encoder's full-resolution convs and its stride-2 split), where candle's
 // im2col + GEMM builds a large column buffer for a very skinny GEMM. Compiled at run time by
-// NVRTC for the device's own architecture, so it needs no CUDA headers: f16 conversions are the
-// PTX instructions cuda_fp16.h itself emits. runtime/gpu/direct_conv.rs holds the launch shape
-// and a CPU twin of this loop nest.
+// NVRTC for the device's own architecture, after f16.cuh (h2f, f2h). runtime/gpu/direct_conv.rs
+// holds the launch shape and a CPU twin of this loop nest.
 
 #define OUT_TILE 8
-
-__device__ __forceinline__ float h2f(unsigned short h) {
-  float f;
-  asm("{cvt.f32.f16 %0, %1;}\n" : "=f"(f) : "h"(h));
-  return f;
-}
-
-__device__ __forceinline__ unsigned short f2h(float f) {
-  unsigned short h;
-  asm("{cvt.rn.f16.f32 %0, %1;}\n" : "=h"(h) : "f"(f));
-  return h;
-}
 
 // One thread: one output pixel, OUT_TILE output channels (blockIdx.y picks which). The block's
 // weights and biases for its channel tile sit in shared memory as f32.

@@ -196,58 +196,23 @@ impl CustomOp3 for DirectConv {
     }
 }
 
+/// The CUDA source, compiled by NVRTC at first use.
+#[cfg(feature = "cuda")]
+pub(crate) static KERNELS: super::nvrtc::Kernels = super::nvrtc::Kernels::new(
+    concat!(include_str!("f16.cuh"), include_str!("direct_conv.cu")),
+    "direct_conv.cu",
+);
+
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::sync::OnceLock;
-
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Layout, Result, Shape};
     use half::f16;
 
-    use super::DirectConv;
-
-    const SOURCE: &str = include_str!("direct_conv.cu");
-    const MODULE: &str = "wae_edge_direct_conv";
-
-    /// PTX of the kernel for compute capability `cc`; where this NVRTC does not know the device
-    /// (a GPU newer than the toolkit), for the newest architecture tried that it knows, which
-    /// the driver then JIT-compiles.
-    pub(super) fn compile(cc: (i32, i32)) -> std::result::Result<String, String> {
-        let mut last = String::new();
-        for arch in [format!("{}{}", cc.0, cc.1), "80".into(), "75".into()] {
-            let opts = CompileOptions {
-                options: vec![format!("--gpu-architecture=compute_{arch}")],
-                name: Some("direct_conv.cu".into()),
-                ..Default::default()
-            };
-            match compile_ptx_with_opts(SOURCE, opts) {
-                Ok(p) => return Ok(p.to_src()),
-                Err(e) => last = format!("{e:?}"),
-            }
-        }
-        Err(format!("NVRTC could not compile direct_conv.cu: {last}"))
-    }
-
-    /// The PTX for this process's device, compiled once.
-    fn ptx(cc: (i32, i32)) -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| compile(cc))
-            .as_deref()
-            .map_err(|e| candle_core::Error::Msg(e.clone()))
-    }
-
-    fn slice<'a>(
-        s: &'a CudaStorage,
-        l: &Layout,
-    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f16>> {
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("direct conv takes contiguous tensors".into())
-        })?;
-        Ok(s.as_cuda_slice::<f16>()?.slice(a..b))
-    }
+    use super::super::nvrtc::view;
+    use super::{DirectConv, KERNELS};
 
     pub(super) fn forward(
         op: &DirectConv,
@@ -260,9 +225,9 @@ mod cuda {
     ) -> Result<(CudaStorage, Shape)> {
         let p = op.plan(xl.dims(), wl.dims(), bl.dims())?;
         let dev = xs.device().clone();
-        let cc = dev.cuda_stream().context().compute_capability().w()?;
-        let func = dev.get_or_load_custom_func("conv3x3_direct", MODULE, ptx(cc)?)?;
-        let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
+        let func =
+            dev.get_or_load_custom_func("conv3x3_direct", KERNELS.name(), KERNELS.ptx(&dev)?)?;
+        let (x, w, b) = (view(xs, xl)?, view(ws, wl)?, view(bs, bl)?);
         // SAFETY: every element is written by the kernel before anyone reads it.
         let y = unsafe { dev.alloc::<f16>(p.n * p.c_out * p.h_out * p.w_out)? };
         let dims = [p.n, p.c_in, p.h, p.w, p.c_out, p.h_out, p.w_out, op.stride].map(|d| d as i32);
@@ -359,7 +324,7 @@ mod tests {
     #[test]
     fn nvrtc_compiles_the_kernel_for_xavier_orin_and_hopper() {
         for cc in [(7, 2), (8, 7), (9, 0)] {
-            let ptx = super::cuda::compile(cc).unwrap();
+            let ptx = super::KERNELS.compile(cc).unwrap();
             assert!(ptx.contains(".entry conv3x3_direct"), "{cc:?}");
         }
     }

@@ -2,13 +2,15 @@
 //! takes (at most [`super::direct_conv::MAX_CHANNELS`] channels in and out, no batch norm left
 //! in) on it, and the WAE split's two stride-2 convs as one. For WAE-VGG16 that is the encoder
 //! (3 -> 16 -> 16 -> 16 at 224x224) and the I_H branch's first two stages (16 and 32 channels at
-//! 112x112 and 56x56), the convs where im2col + GEMM is at its worst; the rest stays candle's.
+//! 112x112 and 56x56), the convs where im2col + GEMM is at its worst. The wider convs run as
+//! im2col + GEMM with one fused bias/ReLU/layout epilogue ([`gemm_conv`]); the heads are candle's.
 //! Nothing here is CUDA-specific: on the CPU the op runs its f32 twin, which is how the tests
 //! hold this composition to [`WaeNet`].
 
 use candle_core::{Result, Tensor};
 
 use super::direct_conv::{suits, DirectConv};
+use super::gemm_conv;
 use crate::config::ModelConfig;
 use crate::model::{max_pool, Conv3x3, VggStack, WaeNet};
 
@@ -38,11 +40,17 @@ fn direct(c: &Conv3x3) -> Option<(DirectConv, &Tensor)> {
     ))
 }
 
-/// One conv, direct where it can be.
+/// One conv: direct where it can be, else im2col + GEMM with the fused epilogue, else (batch
+/// norm left in) candle's.
 fn conv(c: &Conv3x3, x: &Tensor) -> Result<Tensor> {
-    match direct(c) {
-        Some((op, bias)) => op.apply(&x.contiguous()?, c.weight(), bias),
-        None => x.apply_t(c, false),
+    if let Some((op, bias)) = direct(c) {
+        return op.apply(&x.contiguous()?, c.weight(), bias);
+    }
+    match c.bias() {
+        Some(bias) if !c.has_batch_norm() => {
+            gemm_conv::conv(x, c.weight(), bias, c.stride(), c.relu())
+        }
+        _ => x.apply_t(c, false),
     }
 }
 

@@ -1,14 +1,18 @@
 //! The NVIDIA GPU path: the network captured once into a CUDA graph and replayed per frame
 //! ([`mode`] decides whether it can be), and direct kernels where candle's im2col + GEMM is weak
-//! ([`direct_conv`]: the encoder's few-channel full-resolution convs and the stride-2 split).
+//! ([`direct_conv`]: the encoder's few-channel full-resolution convs and the stride-2 split;
+//! [`gemm_conv`]: the wider convs without candle's extra passes), composed by [`direct_net`].
 //! The decisions and the kernels' shape logic are plain Rust and tested on any machine; what
 //! touches the GPU sits behind the `cuda` feature ([`net`]).
 
 pub mod direct_conv;
 pub mod direct_net;
+pub mod gemm_conv;
 pub mod mode;
 #[cfg(feature = "cuda")]
 pub mod net;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 
 pub use mode::{Execution, GraphError, GraphMode};
 
