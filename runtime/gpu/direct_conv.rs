@@ -114,19 +114,6 @@ impl DirectConv {
     }
 }
 
-/// The contiguous f32 values of a CPU storage.
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(candle_core::Error::Msg(
-            "direct conv on the CPU takes f32".into(),
-        ));
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("direct conv takes contiguous tensors".into()))?;
-    Ok(&v[a..b])
-}
-
 impl CustomOp3 for DirectConv {
     fn name(&self) -> &'static str {
         "wae-direct-conv3x3"
@@ -143,7 +130,11 @@ impl CustomOp3 for DirectConv {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let p = self.plan(xl.dims(), wl.dims(), bl.dims())?;
-        let (x, w, b) = (f32s(xs, xl)?, f32s(ws, wl)?, f32s(bs, bl)?);
+        let (x, w, b) = (
+            super::cpu_f32(xs, xl)?,
+            super::cpu_f32(ws, wl)?,
+            super::cpu_f32(bs, bl)?,
+        );
         let plane_out = p.h_out * p.w_out;
         let mut y = vec![0f32; p.n * p.c_out * plane_out];
         for img in 0..p.n {

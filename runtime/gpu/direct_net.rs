@@ -41,13 +41,13 @@ fn direct(c: &Conv3x3) -> Option<(DirectConv, &Tensor)> {
 }
 
 /// One conv: direct where it can be, else im2col + GEMM with the fused epilogue, else (batch
-/// norm left in) candle's.
+/// norm left in, or a `cudnn` build, whose candle convs are cuDNN's) candle's.
 fn conv(c: &Conv3x3, x: &Tensor) -> Result<Tensor> {
     if let Some((op, bias)) = direct(c) {
         return op.apply(&x.contiguous()?, c.weight(), bias);
     }
     match c.bias() {
-        Some(bias) if !c.has_batch_norm() => {
+        Some(bias) if !c.has_batch_norm() && !cfg!(feature = "cudnn") => {
             gemm_conv::conv(x, c.weight(), bias, c.stride(), c.relu())
         }
         _ => x.apply_t(c, false),

@@ -30,18 +30,6 @@ struct BiasAct {
     relu: bool,
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        return Err(candle_core::Error::Msg(
-            "gemm conv on the CPU takes f32".into(),
-        ));
-    };
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("gemm conv takes contiguous tensors".into()))?;
-    Ok(&v[a..b])
-}
-
 impl Im2Col {
     fn dims(&self, x: &[usize]) -> Result<(usize, usize, usize, usize, usize, usize)> {
         let &[n, c, h, w] = x else {
@@ -73,7 +61,7 @@ impl CustomOp1 for Im2Col {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w, ho, wo) = self.dims(l.dims())?;
-        let x = f32s(s, l)?;
+        let x = super::cpu_f32(s, l)?;
         let cols = n * ho * wo;
         let mut col = vec![0f32; c * 9 * cols];
         for (idx, v) in col.iter_mut().enumerate() {
@@ -124,7 +112,7 @@ impl CustomOp2 for BiasAct {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let c_out = self.check(yl.dims(), bl.dims())?;
-        let (y, b) = (f32s(ys, yl)?, f32s(bs, bl)?);
+        let (y, b) = (super::cpu_f32(ys, yl)?, super::cpu_f32(bs, bl)?);
         let plane = self.h_out * self.w_out;
         let mut out = vec![0f32; self.n * c_out * plane];
         for (idx, o) in out.iter_mut().enumerate() {

@@ -16,6 +16,22 @@ pub mod nvrtc;
 
 pub use mode::{Execution, GraphError, GraphMode};
 
+/// The contiguous f32 values of a CPU storage, for the kernels' CPU twins.
+pub(crate) fn cpu_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(v) = s else {
+        return Err(candle_core::Error::Msg(
+            "the kernels' CPU twins take f32".into(),
+        ));
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("the kernels take contiguous tensors".into()))?;
+    Ok(&v[a..b])
+}
+
 /// Largest absolute difference between two tensors of one shape (for the tests).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
