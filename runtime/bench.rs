@@ -142,8 +142,7 @@ impl Bench {
             cause,
         };
         let i = config.input;
-        // Where a frame would come from: the host for the CUDA engine, which uploads it.
-        let input_device = if engine.gpu_timed() {
+        let input_device = if engine.host_input() {
             &Device::Cpu
         } else {
             device

@@ -77,6 +77,8 @@ impl Engine {
         kind: EngineKind,
         graph: GraphMode,
     ) -> Result<Engine, WeightsError> {
+        // Only the CUDA engine reads the graph mode.
+        #[cfg(not(feature = "cuda"))]
         let _ = graph;
         if device.is_cpu() && kind == EngineKind::Auto {
             return Ok(Engine::Cpu(CpuNet::from_file(&file)?));
@@ -102,6 +104,12 @@ impl Engine {
     /// Whether stage times are GPU time between events (the CUDA engine) rather than host
     /// wall time.
     pub fn gpu_timed(&self) -> bool {
+        self.execution().is_some()
+    }
+
+    /// Whether it wants its input on the host: the CUDA engine uploads a frame itself, in one
+    /// copy into its persistent buffer.
+    pub fn host_input(&self) -> bool {
         self.execution().is_some()
     }
 
@@ -173,8 +181,7 @@ impl Classifier {
     /// Wraps a built engine.
     pub fn new(engine: Engine, device: Device) -> Self {
         let pre = Preprocessor::new(engine.config());
-        // The CUDA engine uploads a frame itself, in one copy into its persistent buffer.
-        let input_device = if engine.gpu_timed() {
+        let input_device = if engine.host_input() {
             Device::Cpu
         } else {
             device.clone()

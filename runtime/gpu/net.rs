@@ -15,7 +15,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 
 use super::direct_net::DirectNet;
 use super::mode::{self, Execution, GraphMode};
@@ -189,7 +189,8 @@ impl GpuNet {
 
     /// Logits `[n * classes]` and GPU stage times of `n` normalised f32 inputs on the host.
     pub fn logits(&self, x: &[f32], n: usize) -> Result<(Vec<f32>, StageTimes)> {
-        let host: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let mut host = vec![f16::ZERO; x.len()];
+        host.convert_from_f32_slice(x);
         if self.execution().name() == "graph" {
             match self.logits_graph(&host, n) {
                 Ok(r) => return Ok(r),
