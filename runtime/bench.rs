@@ -113,19 +113,9 @@ pub struct LayerReport {
 }
 
 impl Bench {
-    /// Loads `path` on `device` with the `kind` engine and prepares a random input of `batch`
-    /// images.
+    /// Loads `path` on `device` with the `kind` engine (CUDA graphs per `graph`) and prepares a
+    /// random input of `batch` images.
     pub fn load(
-        path: &std::path::Path,
-        device: &Device,
-        batch: usize,
-        kind: EngineKind,
-    ) -> Result<Bench, crate::weights::WeightsError> {
-        Bench::load_graph(path, device, batch, kind, GraphMode::Auto)
-    }
-
-    /// [`Bench::load`] with a CUDA graph mode.
-    pub fn load_graph(
         path: &std::path::Path,
         device: &Device,
         batch: usize,
@@ -219,8 +209,9 @@ impl Bench {
     /// The report of what was recorded.
     pub fn report(&self) -> BenchReport {
         let s = summarize(&self.samples);
-        let gpu_timed = self.engine.gpu_timed();
-        let gpu_p50_ms = gpu_timed.then(|| summarize(&self.gpu).p50_ms);
+        // Only the CUDA engine has an execution mode, and its stage times are GPU time.
+        let execution = self.engine.execution();
+        let gpu_p50_ms = execution.is_some().then(|| summarize(&self.gpu).p50_ms);
         let batch = self.input.dim(0).unwrap_or(1);
         BenchReport {
             model: self.path.clone(),
@@ -240,7 +231,7 @@ impl Bench {
                 .map(|(k, v)| (*k, summarize(v)))
                 .collect(),
             macs: self.macs,
-            execution: self.engine.execution().map(|e| e.name().to_string()),
+            execution: execution.map(|e| e.name().to_string()),
             gpu_p50_ms,
             max_rel_diff: None,
             layers: None,

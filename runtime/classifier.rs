@@ -101,12 +101,6 @@ impl Engine {
         }
     }
 
-    /// Whether stage times are GPU time between events (the CUDA engine) rather than host
-    /// wall time.
-    pub fn gpu_timed(&self) -> bool {
-        self.execution().is_some()
-    }
-
     /// Whether it wants its input on the host: the CUDA engine uploads a frame itself, in one
     /// copy into its persistent buffer.
     pub fn host_input(&self) -> bool {

@@ -219,8 +219,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         anyhow::bail!("--layers times the native CPU engine's convs: use it with --device cpu and --engine auto");
     }
     let graph = a.placement.cuda_graph;
-    let load =
-        |path: &std::path::Path, mode| Bench::load_graph(path, &device, a.batch, a.engine, mode);
+    let load = |path: &std::path::Path, mode| Bench::load(path, &device, a.batch, a.engine, mode);
     let mut models = vec![load(&a.model, graph)?];
     let mut roles = vec!["model"];
     if let Some(b) = &a.baseline {

@@ -191,7 +191,7 @@ impl GpuNet {
     pub fn logits(&self, x: &[f32], n: usize) -> Result<(Vec<f32>, StageTimes)> {
         let mut host = vec![f16::ZERO; x.len()];
         host.convert_from_f32_slice(x);
-        if self.execution().name() == "graph" {
+        if matches!(self.execution.lock().as_deref(), Ok(Execution::Graph)) {
             match self.logits_graph(&host, n) {
                 Ok(r) => return Ok(r),
                 Err(e) => {
