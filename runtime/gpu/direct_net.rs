@@ -12,7 +12,7 @@ use candle_core::{Result, Tensor};
 use super::direct_conv::{suits, DirectConv};
 use super::gemm_conv;
 use crate::config::ModelConfig;
-use crate::model::{max_pool, Conv3x3, VggStack, WaeNet};
+use crate::model::{Conv3x3, VggStack, WaeNet};
 
 /// The split's two convs' weights and biases, concatenated: one conv gives I_L then I_H.
 struct FusedSplit {
@@ -52,18 +52,6 @@ fn conv(c: &Conv3x3, x: &Tensor) -> Result<Tensor> {
         }
         _ => x.apply_t(c, false),
     }
-}
-
-/// A VGG stack, direct where it can be.
-fn stack(s: &VggStack, x: &Tensor) -> Result<Tensor> {
-    let mut x = x.clone();
-    for stage in s.stages() {
-        for c in stage {
-            x = conv(c, &x)?;
-        }
-        x = max_pool(&x, s.pool_ceil())?;
-    }
-    Ok(x)
 }
 
 impl DirectNet {
@@ -137,13 +125,13 @@ impl DirectNet {
 
     /// F_L: the backbone on I_L.
     pub fn backbone(&self, low: &Tensor) -> Result<Tensor> {
-        stack(self.net.backbone_stack(), low)
+        self.net.backbone_stack().forward_with(low, conv)
     }
 
     /// F_H: the branch on I_H (None for single-branch kinds).
     pub fn branch(&self, high: Option<&Tensor>) -> Result<Option<Tensor>> {
         match (self.net.branch_stack(), high) {
-            (Some(s), Some(h)) => Ok(Some(stack(s, h)?)),
+            (Some(s), Some(h)) => Ok(Some(s.forward_with(h, conv)?)),
             _ => Ok(None),
         }
     }

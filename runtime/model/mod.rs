@@ -133,36 +133,38 @@ impl VggStack {
         &self.stages
     }
 
-    /// Whether pooling rounds odd sizes up ([`max_pool`]).
-    pub fn pool_ceil(&self) -> bool {
-        self.pool_ceil
+    /// The stack with `conv` running each conv (another engine's kernels, a tracer): the one
+    /// loop over stages and pools.
+    pub fn forward_with(
+        &self,
+        xs: &Tensor,
+        mut conv: impl FnMut(&Conv3x3, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for stage in &self.stages {
+            for c in stage {
+                xs = conv(c, &xs)?;
+            }
+            xs = max_pool(&xs, self.pool_ceil)?;
+        }
+        Ok(xs)
     }
 
     /// Output of every conv (after ReLU, before pooling), in order: for layer analysis (EBCLE).
     pub fn trace(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
         let mut out = Vec::new();
-        let mut xs = xs.clone();
-        for stage in &self.stages {
-            for conv in stage {
-                xs = xs.apply_t(conv, false)?;
-                out.push(xs.clone());
-            }
-            xs = max_pool(&xs, self.pool_ceil)?;
-        }
+        self.forward_with(xs, |c, x| {
+            let y = x.apply_t(c, false)?;
+            out.push(y.clone());
+            Ok(y)
+        })?;
         Ok(out)
     }
 }
 
 impl ModuleT for VggStack {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut xs = xs.clone();
-        for stage in &self.stages {
-            for conv in stage {
-                xs = xs.apply_t(conv, train)?;
-            }
-            xs = max_pool(&xs, self.pool_ceil)?;
-        }
-        Ok(xs)
+        self.forward_with(xs, |c, x| x.apply_t(c, train))
     }
 }
 
